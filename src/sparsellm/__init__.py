@@ -1,0 +1,12 @@
+"""sparsellm: make large language models sparse, small and fast."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import save
+from .evaluation import perplexity
+from .models import load_model
+from .weights.oneshot import prune
+
+evaluate = perplexity
+
+__all__ = ["evaluate", "load_model", "perplexity", "prune", "save"]

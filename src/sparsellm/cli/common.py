@@ -1,0 +1,39 @@
+"""Arguments shared by several verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="HF folder, .gguf file, hub id (online only), or 'sample' (SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", help="dtype to load and compute in (default float32)")
+    parser.add_argument("--offload-folder", help="keep weights on disk here and read one block at a time")
+    parser.add_argument("--max-memory", help="with --offload-folder: CPU memory for weights, e.g. 2GB")
+
+
+def add_eval(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument(f"--{prefix}data", default="builtin",
+                        help="evaluation text: builtin, a .txt file or folder, or a datasets name (online)")
+    parser.add_argument(f"--{prefix}seqlen", type=int, default=512, help="tokens per evaluation window")
+    parser.add_argument(f"--{prefix}windows", type=int, default=32, help="windows to score (0: all)")
+    parser.add_argument(f"--{prefix}batch-size", type=int, default=4, help="windows per forward pass")
+
+
+def add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda: where blocks are computed")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def emit(args: argparse.Namespace, data: dict, lines: list[str]) -> None:
+    """Results go to stdout: a JSON object with --json, else readable lines."""
+    if args.json:
+        json.dump(data, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        for line in lines:
+            print(line)

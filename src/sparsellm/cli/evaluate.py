@@ -1,0 +1,29 @@
+"""sparsellm eval: perplexity of a model on held-out text."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import evaluation
+from .common import add_eval, add_model, add_runtime, emit
+from .prune import load
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("eval", help="perplexity on held-out text (tokens, ppl, seconds)")
+    add_model(parser)
+    add_eval(parser)
+    add_runtime(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load(args)
+    result = evaluation.perplexity(model, tokenizer, data=args.data, seqlen=args.seqlen,
+                                 max_windows=args.windows or None, batch_size=args.batch_size)
+    emit(args, result.to_dict(), [
+        f"perplexity {result.perplexity:.3f}  tokens {result.tokens}  windows {result.windows}x{result.seqlen}  "
+        f"seconds {result.seconds:.1f}  data {result.data['name']}/{result.data['split']} "
+        f"(sha256 {result.data['sha256_16']}, {'BOS first' if result.bos_prepended else 'no BOS'})"
+    ])
+    return 0

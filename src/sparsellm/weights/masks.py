@@ -1,0 +1,124 @@
+"""Sparsity patterns and the pure functions that turn importance scores into masks.
+
+A mask is a bool tensor shaped like the weight, True where the weight is kept. Scores are higher
+for weights that matter more. Counts are exact: a layer at sparsity s over n weights prunes
+``round(s * n)`` of them, and where the comparison group (a row, a 128-column block) cannot hold an
+exact share, the remainder is spread deterministically over the groups (see ``split_count``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SparseLLMError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """``unstructured``, or N:M: N weights kept in every M consecutive inputs of a row."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def sparsity(self) -> float:
+        """The sparsity an N:M pattern implies (1 - N/M)."""
+        return 1.0 - self.n / self.m if self.is_nm else float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+    @classmethod
+    def parse(cls, text: str | Pattern) -> Pattern:
+        if isinstance(text, Pattern):
+            return text
+        if text == "unstructured":
+            return cls()
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+        if not match:
+            raise SparseLLMError(f"unknown pattern '{text}': use unstructured or N:M such as 2:4")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise SparseLLMError(f"pattern {n}:{m} needs 0 < N < M (N weights kept out of every M)")
+        return cls(n, m)
+
+    def check_width(self, columns: int, layer: str = "a layer") -> None:
+        if self.is_nm and columns % self.m:
+            raise SparseLLMError(f"pattern {self}: {layer} has {columns} inputs, not divisible by M={self.m}")
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise SparseLLMError(f"sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def split_count(fraction: float, sizes: list[int]) -> list[int]:
+    """How many to prune in each group so the total is exactly round(fraction * sum(sizes)).
+
+    Group i prunes round(f * C_i) - round(f * C_{i-1}) with C the cumulative sizes, so each group
+    is within one of its exact share and the total is exact.
+    """
+    counts, done, cumulative = [], 0, 0
+    for size in sizes:
+        cumulative += size
+        target = round(fraction * cumulative)
+        counts.append(min(max(target - done, 0), size))
+        done += counts[-1]
+    return counts
+
+
+def prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask of a tensor with exactly ``count`` lowest-scoring entries pruned."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if count > 0:
+        keep[torch.topk(scores.flatten(), count, largest=False, sorted=False).indices] = False
+    return keep.view_as(scores)
+
+
+def prune_lowest_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep-mask pruning ``counts[r]`` lowest-scoring entries of each row r."""
+    most = int(counts.max()) if counts.numel() else 0
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if most == 0:
+        return keep
+    lowest = torch.topk(scores, most, dim=1, largest=False, sorted=True).indices
+    rank = torch.arange(most, device=scores.device).unsqueeze(0)
+    drop = rank < counts.to(scores.device).unsqueeze(1)  # counts differ by row by at most one
+    keep.scatter_(1, lowest, ~drop)
+    return keep
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
+    """Prune the lowest ``round(sparsity * numel)`` scores, over the whole matrix or row by row."""
+    if not per_row:
+        return prune_lowest(scores, round(sparsity * scores.numel()))
+    rows, columns = scores.shape
+    counts = torch.tensor(split_count(sparsity, [columns] * rows))
+    return prune_lowest_per_row(scores, counts)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive columns of each row."""
+    rows, columns = scores.shape
+    if columns % m:
+        raise SparseLLMError(f"pattern {n}:{m}: {columns} columns are not divisible by {m}")
+    groups = scores.reshape(rows, columns // m, m)
+    kept = torch.topk(groups, n, dim=2, sorted=False).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, kept, True)
+    return keep.reshape(rows, columns)
+
+
+def pattern_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool = False) -> torch.Tensor:
+    """The keep-mask for a pattern: N:M groups, or the unstructured lowest scores."""
+    if pattern.is_nm:
+        return nm_mask(scores, pattern.n, pattern.m)
+    return unstructured_mask(scores, sparsity, per_row=per_row)
