@@ -1,0 +1,67 @@
+"""N:M positions: which N of every M consecutive inputs of a row are kept.
+
+Two encodings. ``sparse-24-bitmask`` (compressed-tensors, 2:4 only): a full bitmask with exactly two
+bits set per group of four, values (rows, columns / 2). ``sparse-nm`` (sparsellm, any N:M with
+C(M, N) <= 256): one pattern number per group (see ``bits.pack_patterns``), so 2:4 costs 2/3 bit
+per weight instead of 1. Groups that kept fewer than N non-zeros store explicit zeros at their
+first free positions, so every group holds exactly N values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SparseLLMError
+from ..weights.masks import Pattern
+from .bits import pack_patterns, pattern_table, patterns_per_byte, unpack_patterns
+
+
+def fits(keep: torch.Tensor, pattern: Pattern) -> bool:
+    """Whether a keep-mask has at most N kept of every M (and a width divisible by M)."""
+    rows, columns = keep.shape
+    if not pattern.is_nm or columns % pattern.m:
+        return False
+    return bool((keep.view(rows, -1, pattern.m).sum(-1) <= pattern.n).all())
+
+
+def encodable(pattern: Pattern) -> bool:
+    return pattern.is_nm and patterns_per_byte(pattern.n, pattern.m) > 0
+
+
+def fill_groups(keep: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Top up each group to exactly N kept positions with its first free ones."""
+    rows, columns = keep.shape
+    groups = keep.view(rows, -1, pattern.m)
+    missing = pattern.n - groups.sum(-1, keepdim=True)
+    free_rank = torch.cumsum(~groups, -1)  # 1 for the first free position, 2 for the next ...
+    return (groups | (~groups & (free_rank <= missing))).view(rows, columns)
+
+
+def pack(keep: torch.Tensor, pattern: Pattern) -> dict[str, torch.Tensor]:
+    """Pattern numbers of a mask with exactly N kept per group."""
+    rows = keep.shape[0]
+    _, numbers = pattern_table(pattern.n, pattern.m)
+    place = 2 ** torch.arange(pattern.m)
+    mask_values = (keep.view(rows, -1, pattern.m).long() * place).sum(-1)
+    return {"patterns": pack_patterns(numbers[mask_values], pattern.n, pattern.m)}
+
+
+def unpack(tensors: dict[str, torch.Tensor], shape: tuple[int, int], pattern: Pattern, name: str) -> torch.Tensor:
+    rows, columns = shape
+    packed = tensors["patterns"]
+    groups = columns // pattern.m
+    per_byte = patterns_per_byte(pattern.n, pattern.m)
+    if columns % pattern.m or tuple(packed.shape) != (rows, -(-groups // per_byte)) or packed.dtype != torch.uint8:
+        raise SparseLLMError(f"{name}.patterns: shape {tuple(packed.shape)} does not fit a {rows}x{columns} "
+                             f"weight with pattern {pattern}")
+    numbers, valid = unpack_patterns(packed, pattern.n, pattern.m, groups)
+    if not valid:
+        raise SparseLLMError(f"{name}.patterns: holds numbers that are not {pattern} patterns")
+    table, _ = pattern_table(pattern.n, pattern.m)
+    return table[numbers].view(rows, columns)
+
+
+def check_24_bitmask(keep: torch.Tensor, name: str) -> None:
+    rows, columns = keep.shape
+    if columns % 4 or not bool((keep.view(rows, -1, 4).sum(-1) == 2).all()):
+        raise SparseLLMError(f"{name}.bitmask: not exactly 2 of every 4 bits set, as sparse-24-bitmask requires")
