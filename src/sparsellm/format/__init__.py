@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from .compact import CompactFolder, is_compact, layers, save
+from .compact import CompactFolder, compress, is_compact, layers, save
 from .layout import LAYOUTS, EncodedLayer, encode, layout_bytes
 
 
@@ -28,5 +28,5 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32) ->
     return load_model(folder, dtype)[0]
 
 
-__all__ = ["LAYOUTS", "CompactFolder", "EncodedLayer", "encode", "is_compact", "layers", "layout_bytes", "load",
+__all__ = ["LAYOUTS", "CompactFolder", "EncodedLayer", "compress", "encode", "is_compact", "layers", "layout_bytes", "load",
            "save"]

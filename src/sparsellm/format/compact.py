@@ -334,3 +334,22 @@ def layers(folder: str | os.PathLike) -> Iterator[EncodedLayer]:
     with CompactFolder(folder) as compact:
         for name in compact.layers:
             yield compact.layer(name)
+
+
+def compress(folder: str | os.PathLike, output: str | os.PathLike, dtype: torch.dtype | None = None,
+             quantization: QuantScheme | None = None, overwrite: bool = False) -> Path:
+    """Rewrite a model folder (typically dense with zeros) as a compact one, optionally quantizing it.
+
+    Quantization here is round-to-nearest, as no calibration data is involved.
+    """
+    from ..checkpoint import check_output, read_metadata
+    from ..models import load_model
+    from ..weights.quant import round_to_nearest
+
+    check_output(output, overwrite)
+    model, tokenizer = load_model(folder)
+    metadata = (read_metadata(folder) or {}) | {"compressed_from": str(folder)}
+    if quantization is not None:
+        round_to_nearest(model, quantization)
+        metadata["quantization"] = quantization.to_dict() | {"applied": "round-to-nearest"}
+    return save(model, tokenizer, output, metadata, overwrite, dtype)

@@ -148,7 +148,7 @@ class EncodedLayer:
             zero = torch.full((rows, groups), self.scheme.levels // 2, dtype=torch.uint8)
         else:
             zero = self.tensors["weight_zero_point"]
-            if tuple(zero.shape) != (rows, groups) or zero.dtype != torch.uint8 or bool((zero >= self.scheme.levels).any()):
+            if tuple(zero.shape) != (rows, groups) or zero.dtype != torch.uint8 or bool((zero.int() >= self.scheme.levels).any()):
                 raise SparseLLMError(f"{self.name}.weight_zero_point: expected ({rows}, {groups}) codes "
                                      f"below {self.scheme.levels}")
         return QuantGrid(self.scheme, scale, zero)

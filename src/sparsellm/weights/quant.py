@@ -177,3 +177,22 @@ def attach_grid(module: nn.Module, grid: QuantGrid | None) -> None:
 
 def grid_of(module: nn.Module) -> QuantGrid | None:
     return getattr(module, GRID_ATTRIBUTE, None)
+
+
+def round_to_nearest(model: nn.Module, scheme: QuantScheme) -> int:
+    """Quantize every decoder-block linear layer of ``model`` in place without data; pruned zeros stay zero.
+
+    For checkpoints pruned earlier; ``sparsellm.prune(..., quantization=...)`` is better (GPTQ-style
+    error compensation on calibration data). Returns the number of layers quantized.
+    """
+    from ..models import decoder_blocks, linear_layers, set_weight_matrix, weight_matrix
+
+    prefix, blocks = decoder_blocks(model)
+    count = 0
+    for index, block in enumerate(blocks):
+        for module in linear_layers(block, f"{prefix}.{index}").values():
+            quantized, grid = quantize_matrix(weight_matrix(module), scheme)
+            set_weight_matrix(module, quantized)
+            attach_grid(module, grid)
+            count += 1
+    return count
