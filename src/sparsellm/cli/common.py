@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -34,7 +35,8 @@ def add_runtime(parser: argparse.ArgumentParser) -> None:
 def emit(args: argparse.Namespace, data: dict, lines: list[str]) -> None:
     """Results go to stdout: a JSON object with --json, else readable lines."""
     if args.json:
-        json.dump(data, sys.stdout, indent=2, default=str)
+        json.dump(data, sys.stdout, indent=2,
+                  default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
         sys.stdout.write("\n")
     else:
         for line in lines:

@@ -233,8 +233,8 @@ class CompactFolder:
         by_file: dict[str, dict[str, dict]] = {}
         for name, entry in self.entries.items():
             by_file.setdefault(entry["file"], {})[name] = entry
-        for file, expected in by_file.items():
-            check_file(self.folder, file, expected)
+        for file, expected in sorted(by_file.items(), key=lambda item: (self.folder / item[0]).exists()):
+            check_file(self.folder, file, expected)  # missing files first: they explain the rest
         self._stack = contextlib.ExitStack()
         try:
             self._handles = {file: self._stack.enter_context(safe_open(str(self.folder / file), framework="pt"))

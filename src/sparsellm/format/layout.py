@@ -199,11 +199,12 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
                                  "(changed after quantizing?); save with format='dense'")
     scheme = grid.scheme if grid is not None else None
     nnz = int(keep.sum())
-    candidates = [(DENSE, Pattern(), rows * columns), (BITMASK, Pattern(), nnz)]
+    candidates = []  # on a tie the first wins: structured layouts suit kernels best
     for pattern in dict.fromkeys([*patterns, TWO_FOUR]):
         if nm.encodable(pattern) and nm.fits(keep, pattern):
             layout = BITMASK_24 if pattern == TWO_FOUR and scheme is None else NM
             candidates.append((layout, pattern, rows * columns * pattern.n // pattern.m))
+    candidates += [(BITMASK, Pattern(), nnz), (DENSE, Pattern(), rows * columns)]
     layout, pattern, _ = min(
         candidates, key=lambda c: layout_bytes(c[0], (rows, columns), c[2], dtype, scheme, c[1]))
 

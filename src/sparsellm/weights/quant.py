@@ -157,10 +157,14 @@ class LayerQuantizer:
         self.zero_point[:, group] = zero[:, 0]
 
     def quantize(self, column_values: torch.Tensor, column: int) -> torch.Tensor:
-        """Dequantized values of one column on its group's grid."""
+        """Dequantized values of one column on its group's grid.
+
+        The same float operations as ``dequantize(quantize(...))``, fused for the per-column loop.
+        """
         group = column // self.group_size
-        scale, zero = self.scale[:, group], self.zero_point[:, group]
-        return dequantize(quantize(column_values, scale, zero, self.scheme.bits), scale, zero)
+        scale, zero = self.scale[:, group].float(), self.zero_point[:, group].float()
+        codes = torch.round(column_values.float() / scale).add_(zero).clamp_(0, self.scheme.levels - 1)
+        return codes.sub_(zero).mul_(scale)
 
     def grid(self) -> QuantGrid:
         return QuantGrid(self.scheme, self.scale.cpu(), self.zero_point.cpu())
