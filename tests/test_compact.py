@@ -128,7 +128,7 @@ def test_failed_save_leaves_nothing(llama_folder, tmp_path):
     model, tokenizer = load_model(llama_folder)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = 1e6
-    with pytest.raises(SparseLLMError, match="model.layers.1.mlp.up_proj: values overflow float16"):
+    with pytest.raises(SparseLLMError, match=r"model\.layers\.1\.mlp\.up_proj: values overflow float16"):
         sparsellm.save(model, tokenizer, tmp_path / "out", dtype="float16")
     assert list(tmp_path.iterdir()) == []
 

@@ -72,7 +72,7 @@ def reference_sweep(weight, hessian, keep_fn, scheme, percdamp=0.01):
     """OBS one column at a time, every update applied at once (no blocks, no lazy batches)."""
     W = weight.clone().double()
     U = inverse_hessian_factor(hessian, percdamp).double()
-    rows, columns = W.shape
+    columns = W.shape[1]
     width = scheme.group_size or columns
     keep = torch.ones_like(W, dtype=torch.bool)
     scale = zero = None
@@ -108,7 +108,7 @@ def test_joint_sparsegpt_24_matches_a_column_by_column_reference():
 
     expected, expected_keep = reference_sweep(weight, hessian, choose_24, scheme)
     quantizer = LayerQuantizer(scheme, *weight.shape)
-    result = SparseGPT(blocksize=32).fasterprune(weight.clone(), hessian, 0.5, Pattern(2, 4), quantizer)
+    result = SparseGPT(blocksize=32).fasterprune(weight.clone(), hessian, [0.5], Pattern(2, 4), quantizer=quantizer)
     keep = result != 0
     assert bool(((result.view(16, -1, 4) != 0).sum(-1) <= 2).all())
     assert on_grid(result, quantizer.grid(), keep)
@@ -118,14 +118,14 @@ def test_joint_sparsegpt_24_matches_a_column_by_column_reference():
 
 @pytest.mark.parametrize("group", [0, 16])
 def test_masked_gptq_keeps_zeros_and_follows_the_reference(group):
-    weight, hessian, x = random_layer(seed=1)
+    weight, _, x = random_layer(seed=1)
     keep = torch.rand(weight.shape, generator=torch.Generator().manual_seed(2)) >= 0.6
     pruned = weight * keep
     scheme = QuantScheme(4, group)
     stats = InputStatistics(weight.shape[1], frozenset({HESSIAN}))
     stats.add_batch(x, sequences=1)
     quantizer = LayerQuantizer(scheme, *weight.shape)
-    result = quantize_masked(pruned.clone(), stats, quantizer)
+    result, = quantize_masked([pruned.clone()], stats, [quantizer])
     assert on_grid(result, quantizer.grid(), keep)
     assert bool((result[~keep] == 0).all())
     expected, _ = reference_sweep(pruned, stats.scaled_hessian(), lambda W, U, k, i: k.copy_(keep), scheme)
@@ -133,7 +133,7 @@ def test_masked_gptq_keeps_zeros_and_follows_the_reference(group):
 
     # unpruned, it is GPTQ: on correlated inputs it beats round-to-nearest on the layer's output
     quantizer = LayerQuantizer(scheme, *weight.shape)
-    gptq = quantize_masked(weight.clone(), stats, quantizer, keep=torch.ones_like(keep))
+    gptq, = quantize_masked([weight.clone()], stats, [quantizer], keeps=[torch.ones_like(keep)])
     rounded, _ = quantize_matrix(weight, scheme, torch.ones_like(keep))
     assert ((gptq - weight) @ x.t()).norm() < 0.9 * ((rounded - weight) @ x.t()).norm()
 

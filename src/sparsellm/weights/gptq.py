@@ -17,9 +17,19 @@ from .quant import LayerQuantizer
 from .sparsegpt import SparseGPT
 
 
-def quantize_masked(weight: torch.Tensor, stats: InputStatistics, quantizer: LayerQuantizer,
-                    keep: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """Quantize the (out, in) ``weight`` where ``keep`` (default: its non-zeros) with GPTQ; the rest is 0."""
-    keep = weight != 0 if keep is None else keep
+def quantize_masked(weights: list[torch.Tensor], stats: InputStatistics, quantizers: list[LayerQuantizer],
+                    keeps: list[torch.Tensor] | None = None, blocksize: int = 128,
+                    percdamp: float = 0.01) -> list[torch.Tensor]:
+    """Quantize (out, in) matrices that share one input where ``keeps`` (default: their non-zeros) with GPTQ.
+
+    The matrices are stacked row-wise into one sweep, as SparseGPT does; everything outside ``keeps``
+    comes back exactly 0, and each quantizer holds its layer's grids.
+    """
+    keeps = [w != 0 for w in weights] if keeps is None else keeps
+    stacked = torch.cat(weights)
+    quantizer = LayerQuantizer.stack(quantizers)
     solver = SparseGPT(blocksize=blocksize, percdamp=percdamp)
-    return solver.fasterprune(weight, stats.scaled_hessian().to(weight.device), 0.0, Pattern(), quantizer, keep)
+    result = solver.fasterprune(stacked, stats.scaled_hessian().to(stacked.device), [0.0] * len(weights), Pattern(),
+                                [w.shape[0] for w in weights], quantizer, torch.cat(keeps))
+    quantizer.split_into(quantizers)
+    return list(result.split([w.shape[0] for w in weights]))

@@ -169,6 +169,21 @@ class LayerQuantizer:
     def grid(self) -> QuantGrid:
         return QuantGrid(self.scheme, self.scale.cpu(), self.zero_point.cpu())
 
+    @classmethod
+    def stack(cls, quantizers: list[LayerQuantizer]) -> LayerQuantizer:
+        """One quantizer for the row-wise stack of several layers' matrices (they share a column sweep)."""
+        first = quantizers[0]
+        return cls(first.scheme, sum(q.scale.shape[0] for q in quantizers), first.columns, first.scale.device)
+
+    def split_into(self, quantizers: list[LayerQuantizer]) -> None:
+        """Hand each stacked layer its rows of the fitted grids."""
+        start = 0
+        for quantizer in quantizers:
+            rows = quantizer.scale.shape[0]
+            quantizer.scale.copy_(self.scale[start : start + rows])
+            quantizer.zero_point.copy_(self.zero_point[start : start + rows])
+            start += rows
+
 
 def attach_grid(module: nn.Module, grid: QuantGrid | None) -> None:
     """Remember a layer's grid on the module, so a compact save can store codes instead of floats."""

@@ -13,7 +13,7 @@ product (the "lazy batch" trick).
 
 Joint sparsity + quantization (the paper's joint mode): with a ``LayerQuantizer`` each kept weight
 is replaced by its grid value q inside the sweep, so err_i also carries the rounding error and the
-OBS update compensates for it. Given a fixed ``keep`` mask instead of a sparsity, the same sweep is
+OBS update compensates for it. Given a fixed ``keep`` mask instead of sparsities, the same sweep is
 GPTQ restricted to the kept weights (see ``gptq.py``).
 """
 
@@ -60,58 +60,101 @@ class SparseGPT(PruningMethod):
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
               pattern: Pattern, quantizer: LayerQuantizer | None = None) -> torch.Tensor:
-        return self.fasterprune(weight, stats.scaled_hessian().to(weight.device), sparsity, pattern, quantizer)
+        return self.fasterprune(weight, stats.scaled_hessian().to(weight.device), [sparsity], pattern,
+                                quantizer=quantizer)
 
-    def fasterprune(self, weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
-                    quantizer: LayerQuantizer | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Prune (and quantize, with a quantizer) ``weight``; ``keep`` fixes the mask instead of choosing one."""
+    def prune_group(self, weights: list[torch.Tensor], stats: InputStatistics | None, sparsities: list[float],
+                    pattern: Pattern, quantizers: list[LayerQuantizer] | None = None) -> list[torch.Tensor]:
+        # Layers that read the same input (q/k/v, gate/up) share H: stacking their rows gives one
+        # column sweep instead of several; rows never interact, and masks stay per layer.
+        stacked = torch.cat(weights)
+        quantizer = LayerQuantizer.stack(quantizers) if quantizers else None
+        pruned = self.fasterprune(stacked, stats.scaled_hessian().to(stacked.device), sparsities, pattern,
+                                  [w.shape[0] for w in weights], quantizer)
+        if quantizer is not None:
+            quantizer.split_into(quantizers)
+        return list(pruned.split([w.shape[0] for w in weights]))
+
+    def fasterprune(self, weight: torch.Tensor, hessian: torch.Tensor, sparsities: list[float],
+                    pattern: Pattern, segments: list[int] | None = None, quantizer: LayerQuantizer | None = None,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Prune ``weight`` (rows = the stacked ``segments``, one per layer) given H = 2/n sum X X^T.
+
+        With a ``quantizer`` kept weights are quantized in the sweep; ``keep`` fixes the mask.
+        """
         W = weight.float()
         rows, columns = W.shape
+        segments = segments or [rows]
         H = hessian.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
         Hinv = inverse_hessian_factor(H, self.percdamp)
 
-        # N:M groups and quantization groups must not straddle column blocks
+        # N:M groups and quantization groups must not straddle column blocks (nor sub-blocks)
         unit = math.lcm(pattern.m if pattern.is_nm else 1,
                         quantizer.group_size if quantizer is not None and not quantizer.per_channel else 1)
         blocksize = max(unit, self.blocksize // unit * unit)
         if quantizer is not None and quantizer.per_channel:  # as the reference: one grid from the dense row
             quantizer.fit(0, W, keep)
         starts = list(range(0, columns, blocksize))
-        block_counts = split_count(sparsity, [rows * (min(s + blocksize, columns) - s) for s in starts])
+        widths = [min(s + blocksize, columns) - s for s in starts]
+        # Exact per-layer counts: each layer's share of every block, summing to round(s * numel).
+        counts = [split_count(s, [r * w for w in widths]) for r, s in zip(segments, sparsities, strict=True)]
+        row_starts = [sum(segments[:k]) for k in range(len(segments))]
 
-        for i1, prune_count in zip(starts, block_counts, strict=False):
-            i2 = min(i1 + blocksize, columns)
+        for b, i1 in enumerate(starts):
+            i2 = i1 + widths[b]
             W1 = W[:, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             d = torch.diag(Hinv1)
+            pruned = torch.zeros_like(W1, dtype=torch.bool)
             if keep is not None:
                 pruned = ~keep[:, i1:i2]
-            elif pattern.is_nm:
-                pruned = torch.zeros_like(W1, dtype=torch.bool)
-            else:
-                pruned = ~prune_lowest(W1.square() / d.square().unsqueeze(0), prune_count)
+            elif not pattern.is_nm:
+                scores = W1.square() / d.square().unsqueeze(0)
+                for r0, r, layer_counts in zip(row_starts, segments, counts, strict=True):
+                    pruned[r0 : r0 + r] = ~prune_lowest(scores[r0 : r0 + r], layer_counts[b])
+            self._sweep(W1, Err1, Hinv1, pruned, pattern if keep is None else Pattern(), unit, i1, quantizer)
+            W[:, i1:i2] = W1
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        return W
 
-            for i in range(i2 - i1):
-                if keep is None and pattern.is_nm and i % pattern.m == 0:
+    def _sweep(self, W1: torch.Tensor, Err1: torch.Tensor, Hinv1: torch.Tensor, pruned: torch.Tensor,
+               pattern: Pattern, unit: int = 1, first_column: int = 0,
+               quantizer: LayerQuantizer | None = None) -> None:
+        """The sequential OBS updates inside one column block, in place.
+
+        Updates reach only the next ``SUBBLOCK`` columns at once; the rest of the block gets them
+        as one matrix product per sub-block (the lazy-batch idea one level down: narrower rank-1
+        updates stay in cache). N:M masks are chosen at every M-th column on updated weights; a
+        quantization group's grid is fitted at its first column, when all its columns are current
+        (sub-blocks are multiples of ``unit``, so groups never straddle them).
+        """
+        d = torch.diag(Hinv1)
+        width = W1.shape[1]
+        step = max(unit, SUBBLOCK // unit * unit)
+        for s1 in range(0, width, step):
+            s2 = min(s1 + step, width)
+            for i in range(s1, s2):
+                if pattern.is_nm and i % pattern.m == 0:
                     group = W1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square().unsqueeze(0)
-                    drop = torch.full((rows,), pattern.m - pattern.n, device=W.device)
+                    drop = torch.full((W1.shape[0],), pattern.m - pattern.n, device=W1.device)
                     pruned[:, i : i + pattern.m] = ~prune_lowest_per_row(group, drop)
-                if quantizer is not None and not quantizer.per_channel and (i1 + i) % quantizer.group_size == 0:
-                    width = quantizer.group_size
-                    quantizer.fit(i1 + i, W1[:, i : i + width], ~pruned[:, i : i + width])
+                column = first_column + i
+                if quantizer is not None and not quantizer.per_channel and column % quantizer.group_size == 0:
+                    span = slice(i, i + quantizer.group_size)
+                    quantizer.fit(column, W1[:, span], ~pruned[:, span])
                 w = W1[:, i]
                 q = w.masked_fill(pruned[:, i], 0.0)
                 if quantizer is not None:
-                    q = quantizer.quantize(q, i1 + i).masked_fill_(pruned[:, i], 0.0)
+                    q = quantizer.quantize(q, column).masked_fill_(pruned[:, i], 0.0)
                 err = (w - q) / d[i]
-                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                W1[:, i:s2] -= err.unsqueeze(1) * Hinv1[i, i:s2].unsqueeze(0)
                 W1[:, i] = q
                 Err1[:, i] = err
+            W1[:, s2:].addmm_(Err1[:, s1:s2], Hinv1[s1:s2, s2:], alpha=-1)
 
-            W[:, i1:i2] = W1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        return W
+
+SUBBLOCK = 32
