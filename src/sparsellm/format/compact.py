@@ -189,7 +189,7 @@ def save(model: nn.Module, tokenizer, output: str | os.PathLike, metadata: dict 
             matrix = tensor.t() if transposed else tensor
             layer = encode(module_name, matrix, grid_of(module), [hints[module_name]] if module_name in hints else [],
                            transposed, dtype)
-            layers[module_name] = _layer_entry(layer, int((matrix != 0).sum()))
+            layers[module_name] = _layer_entry(layer, int(torch.count_nonzero(matrix)))
             writer.add({f"{module_name}.{suffix}": value for suffix, value in layer.tensors.items()})
         tensors = writer.close()
         manifest = {"format_version": FORMAT_VERSION, "tensors": tensors, "layers": layers}

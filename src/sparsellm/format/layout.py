@@ -198,7 +198,7 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
             raise SparseLLMError(f"{name}: the weights are not on their quantization grid "
                                  "(changed after quantizing?); save with format='dense'")
     scheme = grid.scheme if grid is not None else None
-    nnz = int(keep.sum())
+    nnz = int(torch.count_nonzero(keep))
     candidates = []  # on a tie the first wins: structured layouts suit kernels best
     for pattern in dict.fromkeys([*patterns, TWO_FOUR]):
         if nm.encodable(pattern) and nm.fits(keep, pattern):
@@ -235,5 +235,5 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
             tensors["weight_zero_point"] = grid.zero_point.contiguous()
     if layout != DENSE or scheme is not None:
         tensors["shape"] = torch.tensor([rows, columns], dtype=torch.int64)
-    return EncodedLayer(name, layout, (rows, columns), dtype, int(positions.sum()), tensors, pattern,
+    return EncodedLayer(name, layout, (rows, columns), dtype, int(torch.count_nonzero(positions)), tensors, pattern,
                         scheme, transposed)

@@ -21,7 +21,7 @@ def fits(keep: torch.Tensor, pattern: Pattern) -> bool:
     rows, columns = keep.shape
     if not pattern.is_nm or columns % pattern.m:
         return False
-    return bool((keep.view(rows, -1, pattern.m).sum(-1) <= pattern.n).all())
+    return bool((torch.count_nonzero(keep.view(rows, -1, pattern.m), dim=-1) <= pattern.n).all())
 
 
 def encodable(pattern: Pattern) -> bool:
@@ -32,7 +32,7 @@ def fill_groups(keep: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Top up each group to exactly N kept positions with its first free ones."""
     rows, columns = keep.shape
     groups = keep.view(rows, -1, pattern.m)
-    missing = pattern.n - groups.sum(-1, keepdim=True)
+    missing = pattern.n - torch.count_nonzero(groups, dim=-1).unsqueeze(-1)
     free_rank = torch.cumsum(~groups, -1)  # 1 for the first free position, 2 for the next ...
     return (groups | (~groups & (free_rank <= missing))).view(rows, columns)
 
@@ -41,8 +41,8 @@ def pack(keep: torch.Tensor, pattern: Pattern) -> dict[str, torch.Tensor]:
     """Pattern numbers of a mask with exactly N kept per group."""
     rows = keep.shape[0]
     _, numbers = pattern_table(pattern.n, pattern.m)
-    place = 2 ** torch.arange(pattern.m)
-    mask_values = (keep.view(rows, -1, pattern.m).long() * place).sum(-1)
+    place = 2 ** torch.arange(pattern.m, dtype=torch.int32)
+    mask_values = (keep.view(rows, -1, pattern.m).to(torch.int32) * place).sum(-1, dtype=torch.int32)
     return {"patterns": pack_patterns(numbers[mask_values], pattern.n, pattern.m)}
 
 
@@ -63,5 +63,5 @@ def unpack(tensors: dict[str, torch.Tensor], shape: tuple[int, int], pattern: Pa
 
 def check_24_bitmask(keep: torch.Tensor, name: str) -> None:
     rows, columns = keep.shape
-    if columns % 4 or not bool((keep.view(rows, -1, 4).sum(-1) == 2).all()):
+    if columns % 4 or not bool((torch.count_nonzero(keep.view(rows, -1, 4), dim=-1) == 2).all()):
         raise SparseLLMError(f"{name}.bitmask: not exactly 2 of every 4 bits set, as sparse-24-bitmask requires")
