@@ -115,7 +115,7 @@ def test_pattern_numbers_are_lexicographic_combinations_three_per_byte():
     for row, numbers in enumerate(chosen):
         for group, number in enumerate(numbers):
             keep[row, [4 * group + j for j in combos[number]]] = True
-    packed = layout.nm.pack(keep, Pattern(2, 4))["patterns"]
+    packed = layout.nm.pack(keep, Pattern(2, 4))[1]["patterns"]
     assert packed.shape == (2, 3)  # 7 groups, 3 per byte
     for row, numbers in enumerate(chosen):
         padded = [*numbers, 0, 0]

@@ -67,15 +67,38 @@ def packed_code_bytes(count: int, bits: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def pattern_table(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(patterns (P, m) bool, number of each m-bit mask value (2^m,) int16, -1 where not N of M)."""
+def pattern_table(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lookup tables over the 2^m masks of one group (bit j = position j kept).
+
+    Returns (patterns (P, m) bool, the pattern number of each mask (-1 unless exactly N kept), and
+    each mask topped up to N kept with its first free positions (-1 when more than N are kept)).
+    """
     combos = list(itertools.combinations(range(m), n))
     patterns = torch.zeros(len(combos), m, dtype=torch.bool)
-    numbers = torch.full((2**m,), -1, dtype=torch.int16)
+    numbers = torch.full((2**m,), -1, dtype=torch.int64)
     for number, kept in enumerate(combos):
         patterns[number, list(kept)] = True
         numbers[sum(1 << j for j in kept)] = number
-    return patterns, numbers
+    filled = torch.full((2**m,), -1, dtype=torch.int64)
+    for value in range(2**m):
+        missing = n - bin(value).count("1")
+        if missing >= 0:
+            free = [j for j in range(m) if not value >> j & 1][:missing]
+            filled[value] = value | sum(1 << j for j in free)
+    return patterns, numbers, filled
+
+
+def group_masks(keep: torch.Tensor, m: int) -> torch.Tensor:
+    """(rows, columns) bool -> (rows, columns / m) int64: each group of m as an m-bit number, LSB first."""
+    rows, columns = keep.shape
+    if 8 % m == 0:  # whole groups share each byte of the row's bitmask
+        packed = pack_mask(keep)
+        shifts = torch.arange(0, 8, m, dtype=torch.uint8)
+        groups = (packed.unsqueeze(-1) >> shifts) & (2**m - 1)
+        return groups.reshape(rows, -1)[:, : columns // m].to(torch.int64)
+    packed = np.packbits(keep.numpy().reshape(rows, columns // m, m), axis=-1, bitorder="little")
+    values = torch.from_numpy(packed).to(torch.int64)
+    return values[..., 0] | (values[..., 1] << 8) if m > 8 else values[..., 0]
 
 
 def patterns_per_byte(n: int, m: int) -> int:

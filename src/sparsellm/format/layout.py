@@ -123,7 +123,7 @@ class EncodedLayer:
                 raise SparseLLMError(f"{self.name}.compressed: holds {values.numel()} {values.dtype} values, "
                                      f"expected {self.stored} {self.dtype}")
             return values.reshape(-1)
-        rows, columns = self.shape
+        rows = self.shape[0]
         packed = self.tensors["compressed"]
         per_row = self.layout in (DENSE, NM)
         expected = (rows, packed_code_bytes(self.stored // max(rows, 1), self.scheme.bits)) if per_row \
@@ -135,8 +135,8 @@ class EncodedLayer:
         else:
             codes = unpack_codes(packed, self.scheme.bits, self.stored)
         mask = self.stored_mask() if mask is None else mask
-        scale, zero = self.grid().expand(columns)
-        return dequantize(codes, scale[mask], zero[mask]).to(self.dtype)
+        scale, zero = stored_grid(self.grid(), mask)
+        return dequantize(codes, scale, zero).to(self.dtype)
 
     def grid(self) -> QuantGrid:
         rows, columns = self.shape
@@ -167,6 +167,19 @@ class EncodedLayer:
         return dense.t().contiguous() if self.transposed else dense
 
 
+def stored_grid(grid: QuantGrid, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float32) of each stored value, row-major over the ``stored`` positions."""
+    rows, columns = stored.shape
+    width, groups = grid.scheme.group_columns(columns), grid.scale.shape[1]
+    if columns != groups * width:
+        padded = torch.zeros(rows, groups * width, dtype=torch.bool)
+        padded[:, :columns] = stored
+        stored = padded
+    counts = torch.count_nonzero(stored.view(rows, groups, width), dim=-1).flatten()
+    return (grid.scale.float().flatten().repeat_interleave(counts),
+            grid.zero_point.float().flatten().repeat_interleave(counts))
+
+
 def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A floating tensor in ``dtype`` (None: as is), refusing values that overflow it."""
     if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
@@ -190,50 +203,47 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
         matrix = cast(name, matrix, dtype)
     rows, columns = matrix.shape
     keep = matrix != 0
-    codes = None
-    if grid is not None:
-        scale, zero = grid.expand(columns)
-        codes = quantize(matrix, scale, zero, grid.scheme.bits)  # pruned zeros get code z, which means 0
-        if not torch.equal(dequantize(codes, scale, zero).to(matrix.dtype), matrix):
-            raise SparseLLMError(f"{name}: the weights are not on their quantization grid "
-                                 "(changed after quantizing?); save with format='dense'")
     scheme = grid.scheme if grid is not None else None
     nnz = int(torch.count_nonzero(keep))
     candidates = []  # on a tie the first wins: structured layouts suit kernels best
     for pattern in dict.fromkeys([*patterns, TWO_FOUR]):
-        if nm.encodable(pattern) and nm.fits(keep, pattern):
+        if nm.fits(keep, pattern):
             layout = BITMASK_24 if pattern == TWO_FOUR and scheme is None else NM
             candidates.append((layout, pattern, rows * columns * pattern.n // pattern.m))
     candidates += [(BITMASK, Pattern(), nnz), (DENSE, Pattern(), rows * columns)]
-    layout, pattern, _ = min(
+    layout, pattern, stored = min(
         candidates, key=lambda c: layout_bytes(c[0], (rows, columns), c[2], dtype, scheme, c[1]))
 
     tensors: dict[str, torch.Tensor] = {}
     if layout == DENSE:
-        positions = torch.ones_like(keep)
-    elif layout == BITMASK:
-        positions = keep
-        tensors.update(bitmask.pack(keep))
+        positions = None
+        values = matrix.reshape(-1)
     else:
-        positions = nm.fill_groups(keep, pattern)
-        tensors.update({"bitmask": pack_mask(positions)} if layout == BITMASK_24 else nm.pack(positions, pattern))
+        if layout == BITMASK:
+            positions = keep
+            tensors.update(bitmask.pack(keep))
+        else:
+            positions, index = nm.pack(keep, pattern)
+            tensors.update({"bitmask": pack_mask(positions)} if layout == BITMASK_24 else index)
+        values = matrix[positions]
+    values = values.masked_fill(values == 0, 0)  # -0.0 becomes +0.0; every other bit pattern stays
     if scheme is None:
-        values = matrix[positions].masked_fill(~keep[positions], 0)  # canonical +0.0 for stored zeros
         if layout == DENSE:
             weight = values.view(rows, columns)
             tensors["weight"] = weight.t().contiguous() if transposed else weight
         else:
             tensors["compressed"] = values.view(rows, -1) if layout == BITMASK_24 else values
     else:
-        stored_codes = codes[positions]
-        if layout in (DENSE, NM):
-            tensors["compressed"] = pack_codes(stored_codes.view(rows, -1), scheme.bits)
-        else:
-            tensors["compressed"] = pack_codes(stored_codes, scheme.bits)
+        scale, zero = stored_grid(grid, torch.ones_like(keep) if positions is None else positions)
+        codes = quantize(values, scale, zero, scheme.bits)  # stored zeros get code z, which means 0
+        if not torch.equal(dequantize(codes, scale, zero).to(matrix.dtype), values):
+            raise SparseLLMError(f"{name}: the weights are not on their quantization grid "
+                                 "(changed after quantizing?); save with format='dense'")
+        per_row = layout in (DENSE, NM)
+        tensors["compressed"] = pack_codes(codes.view(rows, -1) if per_row else codes, scheme.bits)
         tensors["weight_scale"] = grid.scale.contiguous()
         if not scheme.symmetric:
             tensors["weight_zero_point"] = grid.zero_point.contiguous()
     if layout != DENSE or scheme is not None:
         tensors["shape"] = torch.tensor([rows, columns], dtype=torch.int64)
-    return EncodedLayer(name, layout, (rows, columns), dtype, int(torch.count_nonzero(positions)), tensors, pattern,
-                        scheme, transposed)
+    return EncodedLayer(name, layout, (rows, columns), dtype, stored, tensors, pattern, scheme, transposed)

@@ -13,37 +13,27 @@ import torch
 
 from ..errors import SparseLLMError
 from ..weights.masks import Pattern
-from .bits import pack_patterns, pattern_table, patterns_per_byte, unpack_patterns
+from .bits import group_masks, pack_patterns, pattern_table, patterns_per_byte, unpack_patterns
 
 
 def fits(keep: torch.Tensor, pattern: Pattern) -> bool:
     """Whether a keep-mask has at most N kept of every M (and a width divisible by M)."""
-    rows, columns = keep.shape
-    if not pattern.is_nm or columns % pattern.m:
+    if not encodable(pattern) or keep.shape[1] % pattern.m:
         return False
-    return bool((torch.count_nonzero(keep.view(rows, -1, pattern.m), dim=-1) <= pattern.n).all())
+    _, _, filled = pattern_table(pattern.n, pattern.m)
+    return bool((filled[group_masks(keep, pattern.m)] >= 0).all())
 
 
 def encodable(pattern: Pattern) -> bool:
-    return pattern.is_nm and patterns_per_byte(pattern.n, pattern.m) > 0
+    return pattern.is_nm and pattern.m <= 16 and patterns_per_byte(pattern.n, pattern.m) > 0
 
 
-def fill_groups(keep: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Top up each group to exactly N kept positions with its first free ones."""
-    rows, columns = keep.shape
-    groups = keep.view(rows, -1, pattern.m)
-    missing = pattern.n - torch.count_nonzero(groups, dim=-1).unsqueeze(-1)
-    free_rank = torch.cumsum(~groups, -1)  # 1 for the first free position, 2 for the next ...
-    return (groups | (~groups & (free_rank <= missing))).view(rows, columns)
-
-
-def pack(keep: torch.Tensor, pattern: Pattern) -> dict[str, torch.Tensor]:
-    """Pattern numbers of a mask with exactly N kept per group."""
-    rows = keep.shape[0]
-    _, numbers = pattern_table(pattern.n, pattern.m)
-    place = 2 ** torch.arange(pattern.m, dtype=torch.int32)
-    mask_values = (keep.view(rows, -1, pattern.m).to(torch.int32) * place).sum(-1, dtype=torch.int32)
-    return {"patterns": pack_patterns(numbers[mask_values], pattern.n, pattern.m)}
+def pack(keep: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(stored positions, {"patterns": ...}) of a mask that fits: groups with fewer than N kept are
+    topped up with their first free positions."""
+    table, numbers, filled = pattern_table(pattern.n, pattern.m)
+    chosen = numbers[filled[group_masks(keep, pattern.m)]]
+    return table[chosen].view(keep.shape), {"patterns": pack_patterns(chosen, pattern.n, pattern.m)}
 
 
 def unpack(tensors: dict[str, torch.Tensor], shape: tuple[int, int], pattern: Pattern, name: str) -> torch.Tensor:
@@ -57,7 +47,7 @@ def unpack(tensors: dict[str, torch.Tensor], shape: tuple[int, int], pattern: Pa
     numbers, valid = unpack_patterns(packed, pattern.n, pattern.m, groups)
     if not valid:
         raise SparseLLMError(f"{name}.patterns: holds numbers that are not {pattern} patterns")
-    table, _ = pattern_table(pattern.n, pattern.m)
+    table, _, _ = pattern_table(pattern.n, pattern.m)
     return table[numbers].view(rows, columns)
 
 
