@@ -134,9 +134,10 @@ class EncodedLayer:
             codes = unpack_codes(packed, self.scheme.bits, self.stored // max(rows, 1)).reshape(-1)
         else:
             codes = unpack_codes(packed, self.scheme.bits, self.stored)
-        mask = self.stored_mask() if mask is None else mask
-        scale, zero = stored_grid(self.grid(), mask)
-        return dequantize(codes, scale, zero).to(self.dtype)
+        if mask is None and self.layout != DENSE:
+            mask = self.stored_mask()
+        scale, zero, view = stored_grid(self.grid(), self.layout, self.pattern, self.shape, mask)
+        return dequantize(codes.view(view), scale, zero).to(self.dtype).reshape(-1)
 
     def grid(self) -> QuantGrid:
         rows, columns = self.shape
@@ -167,17 +168,28 @@ class EncodedLayer:
         return dense.t().contiguous() if self.transposed else dense
 
 
-def stored_grid(grid: QuantGrid, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (float32) of each stored value, row-major over the ``stored`` positions."""
-    rows, columns = stored.shape
+def stored_grid(grid: QuantGrid, layout: str, pattern: Pattern, shape: tuple[int, int],
+                stored: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Scale and zero point (float32) for the stored values viewed as the returned shape.
+
+    Where every row-group stores the same number of values (dense, N:M with whole groups) they
+    broadcast, (rows, groups, 1) against (rows, groups, per group); otherwise one per value.
+    """
+    rows, columns = shape
     width, groups = grid.scheme.group_columns(columns), grid.scale.shape[1]
+    per_group = width if layout == DENSE else width * pattern.n // pattern.m if layout in (NM, BITMASK_24) and \
+        width % pattern.m == 0 else 0
+    if per_group and columns == groups * width:
+        return (grid.scale.float().unsqueeze(-1), grid.zero_point.float().unsqueeze(-1), (rows, groups, per_group))
+    if stored is None:  # dense: every position
+        stored = torch.ones(rows, columns, dtype=torch.bool)
     if columns != groups * width:
         padded = torch.zeros(rows, groups * width, dtype=torch.bool)
         padded[:, :columns] = stored
         stored = padded
     counts = torch.count_nonzero(stored.view(rows, groups, width), dim=-1).flatten()
     return (grid.scale.float().flatten().repeat_interleave(counts),
-            grid.zero_point.float().flatten().repeat_interleave(counts))
+            grid.zero_point.float().flatten().repeat_interleave(counts), (-1,))
 
 
 def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -226,15 +238,16 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
             positions, index = nm.pack(keep, pattern)
             tensors.update({"bitmask": pack_mask(positions)} if layout == BITMASK_24 else index)
         values = matrix[positions]
-    values = values.masked_fill(values == 0, 0)  # -0.0 becomes +0.0; every other bit pattern stays
     if scheme is None:
+        values = values.masked_fill(values == 0, 0)  # -0.0 becomes +0.0; every other bit pattern stays
         if layout == DENSE:
             weight = values.view(rows, columns)
             tensors["weight"] = weight.t().contiguous() if transposed else weight
         else:
             tensors["compressed"] = values.view(rows, -1) if layout == BITMASK_24 else values
     else:
-        scale, zero = stored_grid(grid, torch.ones_like(keep) if positions is None else positions)
+        scale, zero, view = stored_grid(grid, layout, pattern, (rows, columns), positions)
+        values = values.view(view)
         codes = quantize(values, scale, zero, scheme.bits)  # stored zeros get code z, which means 0
         if not torch.equal(dequantize(codes, scale, zero).to(matrix.dtype), values):
             raise SparseLLMError(f"{name}: the weights are not on their quantization grid "
