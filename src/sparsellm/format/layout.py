@@ -211,6 +211,7 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
     codes are read off in the matrix's own precision and only decoding uses ``dtype``.
     """
     dtype = dtype or matrix.dtype
+    matrix = matrix.contiguous()  # a Conv1D weight arrives as a transposed view
     if grid is None:
         matrix = cast(name, matrix, dtype)
     rows, columns = matrix.shape
