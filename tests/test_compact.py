@@ -224,3 +224,19 @@ def test_missing_manifest_or_tensor(pruned, tmp_path, capsys):
     del manifest["tensors"]["model.norm.weight"]
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     expect_error(folder, "tensor model.norm.weight is missing from", capsys)
+
+
+def test_tied_embeddings_are_written_once(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tiny import make_config, make_tokenizer
+
+    config = make_config("llama")
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for format in ("compact", "dense"):
+        folder = sparsellm.save(model, make_tokenizer(), tmp_path / format, format=format, dtype="bfloat16")
+        assert "lm_head.weight" not in load_file(folder / "model.safetensors")
+        reloaded = sparsellm.load(folder)
+        assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16).float())

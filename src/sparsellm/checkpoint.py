@@ -99,7 +99,8 @@ def save(model, tokenizer, output: str | os.PathLike, metadata: dict | None = No
             from .format.layout import cast
             from .offload import state_tensors
 
-            converted = {name: cast(name, tensor, dtype) for name, tensor in state_tensors(model)}
+            tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # written once, by their source
+            converted = {name: cast(name, tensor, dtype) for name, tensor in state_tensors(model) if name not in tied}
             model.save_pretrained(staging, max_shard_size="2GB", state_dict=converted)
             config = json.loads((staging / "config.json").read_text())
             (staging / "config.json").write_text(json.dumps(config | {"dtype": str(dtype).removeprefix("torch.")},
