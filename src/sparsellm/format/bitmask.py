@@ -8,6 +8,7 @@ reader does not use them).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import SparseLLMError
@@ -15,7 +16,7 @@ from .bits import pack_mask, padding_bits_set, unpack_mask
 
 
 def pack(keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    counts = torch.count_nonzero(keep, dim=1)
+    counts = torch.from_numpy(np.count_nonzero(keep.numpy(), axis=1))
     offsets = torch.cumsum(counts, 0) - counts
     index_dtype = torch.int32 if keep.numel() < 2**31 else torch.int64
     return {"bitmask": pack_mask(keep), "row_offsets": offsets.to(index_dtype)}
@@ -30,7 +31,7 @@ def unpack(tensors: dict[str, torch.Tensor], shape: tuple[int, int], values: int
     if padding_bits_set(bitmask, columns):
         raise SparseLLMError(f"{name}.bitmask: bits set past the last column")
     keep = unpack_mask(bitmask, columns)
-    counts = torch.count_nonzero(keep, dim=1)
+    counts = torch.from_numpy(np.count_nonzero(keep.numpy(), axis=1))
     if int(counts.sum()) != values:
         raise SparseLLMError(f"{name}.bitmask: {int(counts.sum())} bits set but {values} values stored")
     if tuple(offsets.shape) != (rows,) or not torch.equal(offsets.long(), torch.cumsum(counts, 0) - counts):

@@ -67,19 +67,19 @@ def packed_code_bytes(count: int, bits: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def pattern_table(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pattern_table(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lookup tables over the 2^m masks of one group (bit j = position j kept).
 
     Returns (patterns (P, m) bool, the pattern number of each mask (-1 unless exactly N kept), and
     each mask topped up to N kept with its first free positions (-1 when more than N are kept)).
     """
     combos = list(itertools.combinations(range(m), n))
-    patterns = torch.zeros(len(combos), m, dtype=torch.bool)
-    numbers = torch.full((2**m,), -1, dtype=torch.int64)
+    patterns = np.zeros((len(combos), m), dtype=bool)
+    numbers = np.full(2**m, -1, dtype=np.int64)
     for number, kept in enumerate(combos):
         patterns[number, list(kept)] = True
         numbers[sum(1 << j for j in kept)] = number
-    filled = torch.full((2**m,), -1, dtype=torch.int64)
+    filled = np.full(2**m, -1, dtype=np.int64)
     for value in range(2**m):
         missing = n - bin(value).count("1")
         if missing >= 0:
@@ -88,17 +88,15 @@ def pattern_table(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return patterns, numbers, filled
 
 
-def group_masks(keep: torch.Tensor, m: int) -> torch.Tensor:
-    """(rows, columns) bool -> (rows, columns / m) int64: each group of m as an m-bit number, LSB first."""
+def group_masks(keep: torch.Tensor, m: int) -> np.ndarray:
+    """(rows, columns) bool -> (rows, columns / m): each group of m as an m-bit number, LSB first."""
     rows, columns = keep.shape
     if 8 % m == 0:  # whole groups share each byte of the row's bitmask
-        packed = pack_mask(keep)
-        shifts = torch.arange(0, 8, m, dtype=torch.uint8)
-        groups = (packed.unsqueeze(-1) >> shifts) & (2**m - 1)
-        return groups.reshape(rows, -1)[:, : columns // m].to(torch.int64)
-    packed = np.packbits(keep.numpy().reshape(rows, columns // m, m), axis=-1, bitorder="little")
-    values = torch.from_numpy(packed).to(torch.int64)
-    return values[..., 0] | (values[..., 1] << 8) if m > 8 else values[..., 0]
+        packed = np.packbits(keep.numpy(), axis=-1, bitorder="little")
+        groups = (packed[..., None] >> np.arange(0, 8, m, dtype=np.uint8)) & (2**m - 1)
+        return groups.reshape(rows, -1)[:, : columns // m]
+    packed = np.packbits(keep.numpy().reshape(rows, columns // m, m), axis=-1, bitorder="little").astype(np.int64)
+    return packed[..., 0] | (packed[..., 1] << 8) if m > 8 else packed[..., 0]
 
 
 def patterns_per_byte(n: int, m: int) -> int:
@@ -107,14 +105,14 @@ def patterns_per_byte(n: int, m: int) -> int:
     return math.floor(math.log(256, count) + 1e-9) if count <= 256 else 0
 
 
-def pack_patterns(numbers: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def pack_patterns(numbers: np.ndarray, n: int, m: int) -> torch.Tensor:
     """(rows, groups) pattern numbers -> (rows, ceil(groups / k)) uint8, k numbers per byte."""
     base, per_byte = math.comb(m, n), patterns_per_byte(n, m)
     rows, groups = numbers.shape
-    padded = torch.zeros(rows, -(-groups // per_byte) * per_byte, dtype=torch.int32)
+    padded = np.zeros((rows, -(-groups // per_byte) * per_byte), dtype=np.int32)
     padded[:, :groups] = numbers
-    weights = base ** torch.arange(per_byte, dtype=torch.int32)
-    return (padded.view(rows, -1, per_byte) * weights).sum(-1).to(torch.uint8)
+    weights = base ** np.arange(per_byte, dtype=np.int32)
+    return torch.from_numpy((padded.reshape(rows, -1, per_byte) * weights).sum(-1).astype(np.uint8))
 
 
 def unpack_patterns(packed: torch.Tensor, n: int, m: int, groups: int) -> tuple[torch.Tensor, bool]:

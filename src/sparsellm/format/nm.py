@@ -33,7 +33,8 @@ def pack(keep: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict[str, 
     topped up with their first free positions."""
     table, numbers, filled = pattern_table(pattern.n, pattern.m)
     chosen = numbers[filled[group_masks(keep, pattern.m)]]
-    return table[chosen].view(keep.shape), {"patterns": pack_patterns(chosen, pattern.n, pattern.m)}
+    positions = torch.from_numpy(table[chosen].reshape(keep.shape))
+    return positions, {"patterns": pack_patterns(chosen, pattern.n, pattern.m)}
 
 
 def unpack(tensors: dict[str, torch.Tensor], shape: tuple[int, int], pattern: Pattern, name: str) -> torch.Tensor:
@@ -48,7 +49,7 @@ def unpack(tensors: dict[str, torch.Tensor], shape: tuple[int, int], pattern: Pa
     if not valid:
         raise SparseLLMError(f"{name}.patterns: holds numbers that are not {pattern} patterns")
     table, _, _ = pattern_table(pattern.n, pattern.m)
-    return table[numbers].view(rows, columns)
+    return torch.from_numpy(table[numbers.numpy()].reshape(rows, columns))
 
 
 def check_24_bitmask(keep: torch.Tensor, name: str) -> None:
