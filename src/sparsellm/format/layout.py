@@ -135,7 +135,7 @@ class EncodedLayer:
             codes = unpack_codes(packed, self.scheme.bits, self.stored // max(rows, 1)).reshape(-1)
         else:
             codes = unpack_codes(packed, self.scheme.bits, self.stored)
-        if mask is None and self.layout != DENSE:
+        if mask is None and self.layout == BITMASK:
             mask = self.stored_mask()
         scale, zero, view = stored_grid(self.grid(), self.layout, self.pattern, self.shape, mask)
         return dequantize(codes.view(view), scale, zero).to(self.dtype).reshape(-1)
@@ -204,15 +204,19 @@ def stored_grid(grid: QuantGrid, layout: str, pattern: Pattern, shape: tuple[int
                 stored: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """Scale and zero point (float32) for the stored values viewed as the returned shape.
 
-    Where every row-group stores the same number of values (dense, N:M with whole groups) they
-    broadcast, (rows, groups, 1) against (rows, groups, per group); otherwise one per value.
+    Where every row stores the same number of values per group (dense, N:M) the grids are widened
+    along rows, or broadcast when groups are equal; for a bitmask, one per value from the counts.
     """
     rows, columns = shape
     width, groups = grid.scheme.group_columns(columns), grid.scale.shape[1]
-    per_group = width if layout == DENSE else width * pattern.n // pattern.m if layout in (NM, BITMASK_24) and \
-        width % pattern.m == 0 else 0
-    if per_group and columns == groups * width:
-        return (grid.scale.float().unsqueeze(-1), grid.zero_point.float().unsqueeze(-1), (rows, groups, per_group))
+    scale, zero = grid.scale.float(), grid.zero_point.float()
+    kept, of = (1, 1) if layout == DENSE else (pattern.n, pattern.m) if layout in (NM, BITMASK_24) else (0, 0)
+    if kept and width % of == 0:
+        if columns == groups * width:
+            return scale.unsqueeze(-1), zero.unsqueeze(-1), (rows, groups, width * kept // of)
+        counts = torch.full((groups,), width * kept // of)
+        counts[-1] = (columns - width * (groups - 1)) * kept // of
+        return scale.repeat_interleave(counts, dim=1), zero.repeat_interleave(counts, dim=1), (rows, -1)
     if stored is None:  # dense: every position
         stored = torch.ones(rows, columns, dtype=torch.bool)
     if columns != groups * width:
@@ -220,8 +224,7 @@ def stored_grid(grid: QuantGrid, layout: str, pattern: Pattern, shape: tuple[int
         padded[:, :columns] = stored
         stored = padded
     counts = torch.count_nonzero(stored.view(rows, groups, width), dim=-1).flatten()
-    return (grid.scale.float().flatten().repeat_interleave(counts),
-            grid.zero_point.float().flatten().repeat_interleave(counts), (-1,))
+    return scale.flatten().repeat_interleave(counts), zero.flatten().repeat_interleave(counts), (-1,)
 
 
 def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
