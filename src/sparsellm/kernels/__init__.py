@@ -1,0 +1,1 @@
+"""Sparse CPU kernels (see backend.py, layouts.py)."""

@@ -1,0 +1,213 @@
+"""Which implementation runs the kernels: compiled AVX-512, compiled AVX2, or the PyTorch fallback.
+
+The C++ sources in ``csrc/`` are compiled on first use with ``torch.utils.cpp_extension`` and
+cached in sparsellm's cache folder (keyed by the sources and the torch version), so later runs
+load them in well under a second. The instruction set is chosen at run time from the CPU's flags;
+before a compiled backend is used it must reproduce the reference products on small random cases
+(``self_check``), so a miscompiled or mis-dispatched kernel can never give silent wrong answers.
+``SPARSELLM_KERNELS=avx512|avx2|torch`` or ``use_backend`` forces a backend (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SparseLLMError
+from ..logging_utils import logger
+from ..models import cache_dir
+from . import reference
+from .layouts import Layout, Quantization, build
+
+SOURCES = ("bindings.cpp", "avx512.cpp", "avx2.cpp")
+HEADERS = ("kernels.h",)
+ISA_CODES = {"avx2": 2, "avx512": 3}
+BACKENDS = ("avx512", "avx2", "torch")
+CSRC = Path(__file__).parent / "csrc"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "avx512", "avx2" or "torch"
+    reason: str  # why it was chosen, for logs and reports
+
+
+@functools.cache
+def _compiled():
+    """The compiled extension module, or the exception that prevented building it."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in SOURCES + HEADERS:
+        digest.update((CSRC / name).read_bytes())
+    key = digest.hexdigest()[:12]
+    build_dir = cache_dir() / "kernels" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name=f"sparsellm_kernels_{key}", sources=[str(CSRC / name) for name in SOURCES],
+            extra_cflags=["-O3", "-fno-math-errno", "-fno-trapping-math"], build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no headers, a build error: fall back, and say why
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        logger.warning("sparsellm kernels could not be compiled (%s); using the PyTorch fallback", first)
+        return exc
+    logger.debug("sparsellm kernels ready in %.1f s (%s)", time.perf_counter() - started, build_dir)
+    return module
+
+
+def extension():
+    """The compiled module, or None when it could not be built."""
+    module = _compiled()
+    return None if isinstance(module, Exception) else module
+
+
+def cpu_isas() -> list[str]:
+    """Instruction sets the compiled kernels can use on this CPU, best first."""
+    module = extension()
+    return list(module.cpu_isas()) if module is not None else []
+
+
+def _self_check_cases() -> Iterator[tuple[Layout, torch.Tensor, float | None]]:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 200, generator=generator)
+    weight[weight.abs() < 0.6] = 0  # about half pruned, with empty rows and columns
+    weight[3], weight[:, 7] = 0, 0
+    two_four = weight.clone()
+    two_four.view(37, 50, 4)[..., 2:] = 0
+    codes = torch.randint(0, 16, weight.shape, generator=generator, dtype=torch.uint8)
+    quantization = Quantization(4, 64, torch.rand(37, 4, generator=generator).half() + 0.1,
+                                torch.randint(0, 16, (37, 4), generator=generator, dtype=torch.uint8))
+    x = torch.randn(3, 200, generator=generator)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for form in ("dense", "bitmask", "2:4"):
+            matrix = (two_four if form == "2:4" else weight).to(dtype)
+            yield build(matrix, format=form, panel=128), x, None
+        yield build(weight.to(dtype), format="bitmask", input_major=True), x, 0.5
+    for form in ("dense", "bitmask", "2:4"):
+        keep = two_four != 0 if form == "2:4" else weight != 0
+        yield build(codes, keep, format=form, quantization=quantization, panel=128), x, None
+    yield build(codes, weight != 0, format="bitmask", quantization=quantization, input_major=True), x, 0.5
+    yield build(codes, weight != 0, format="dense", quantization=Quantization(8, 0, quantization.scale[:, :1],
+                                                                             quantization.zero_point[:, :1]),
+                input_major=True), x, 0.0
+
+
+def self_check(isa: str) -> str | None:
+    """Compare the compiled kernels for ``isa`` with the reference; None if all agree, else what failed."""
+    module = extension()
+    for layout, x, threshold in _self_check_cases():
+        if layout.input_major:
+            got = module.input_major(x, threshold, layout.out_features, ISA_CODES[isa], *layout.kernel_args())
+            expected = reference.input_major(layout, x, threshold)
+        else:
+            got = module.gemv(x, ISA_CODES[isa], *layout.kernel_args())
+            expected = reference.gemv(layout, x)
+        dense = module.dense(x if threshold is None else reference.threshold(x, threshold), layout.out_features,
+                             1 << 14, ISA_CODES[isa], *layout.kernel_args())
+        scale = expected.abs().max().item() + 1e-6
+        for name, result in (("kernel", got), ("dense path", dense)):
+            error = (result - expected).abs().max().item() / scale
+            if not error < 1e-4:
+                return f"{name} for {layout.describe()} is off by {error:.2e} (relative)"
+    return None
+
+
+_selected: Backend | None = None
+
+
+def select(name: str = "auto") -> Backend:
+    """Choose the backend: ``auto`` (the best compiled one that passes its self-check, else torch),
+    or a named one, which must be available here."""
+    global _selected
+    if name not in ("auto", *BACKENDS):
+        raise SparseLLMError(f"unknown kernel backend '{name}': use auto, {', '.join(BACKENDS)}")
+    if name == "torch":
+        _selected = Backend("torch", "requested")
+        return _selected
+    module = extension()
+    if module is None:
+        if name != "auto":
+            raise SparseLLMError(f"the {name} kernels are not available: they could not be compiled here")
+        _selected = Backend("torch", f"no compiled kernels: {_compiled()}")
+        return _selected
+    isas = cpu_isas()
+    for isa in [name] if name != "auto" else isas:
+        if isa not in isas:
+            raise SparseLLMError(f"this CPU cannot run the {isa} kernels (it supports: {', '.join(isas) or 'neither'})")
+        problem = _checked(isa)
+        if problem is None:
+            _selected = Backend(isa, "compiled, self-check passed")
+            return _selected
+        logger.error("sparsellm %s kernels failed their self-check (%s); not using them", isa, problem)
+        if name != "auto":
+            raise SparseLLMError(f"the {isa} kernels failed their self-check: {problem}")
+    _selected = Backend("torch", "no instruction set with working kernels" if isas else "CPU without AVX2")
+    return _selected
+
+
+@functools.cache
+def _checked(isa: str) -> str | None:
+    return self_check(isa)
+
+
+def current() -> Backend:
+    """The backend in use, chosen on first use (``SPARSELLM_KERNELS`` overrides the choice)."""
+    if _selected is None:
+        backend = select(os.environ.get("SPARSELLM_KERNELS", "auto"))
+        logger.info("sparsellm kernels: %s (%s)", backend.name, backend.reason)
+    return _selected
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Run the kernels with a given backend inside the block (e.g. force AVX2 on an AVX-512 CPU)."""
+    global _selected
+    previous = _selected
+    try:
+        yield select(name)
+    finally:
+        _selected = previous
+
+
+# The operations the layers call, on whichever backend is current. All return float32.
+
+
+def gemv(layout: Layout, x: torch.Tensor) -> torch.Tensor:
+    """y = x W^T with a row-major layout; x is (tokens, in_features)."""
+    backend = current()
+    if backend.name == "torch":
+        return reference.gemv(layout, x)
+    return extension().gemv(x, ISA_CODES[backend.name], *layout.kernel_args())
+
+
+def input_major(layout: Layout, x: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """y = s(x) W^T with an input-major layout, reading only the rows of surviving inputs."""
+    backend = current()
+    if backend.name == "torch":
+        return reference.input_major(layout, x, threshold)
+    return extension().input_major(x, -1.0 if threshold is None else threshold, layout.out_features,
+                                   ISA_CODES[backend.name], *layout.kernel_args())
+
+
+DENSE_BLOCK_BYTES = 1 << 20  # decoded rows per GEMM call: fits L2 next to the panel of x
+
+
+def dense(layout: Layout, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """y = s(x) W^T through the BLAS GEMM on blocks of decoded rows (the path for many tokens)."""
+    backend = current()
+    x = reference.threshold(x, threshold)
+    if backend.name == "torch":
+        return reference.input_major(layout, x, None) if layout.input_major else reference.gemv(layout, x)
+    return extension().dense(x, layout.out_features, DENSE_BLOCK_BYTES, ISA_CODES[backend.name],
+                             *layout.kernel_args())

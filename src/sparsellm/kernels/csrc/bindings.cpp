@@ -1,0 +1,194 @@
+// Python bindings: argument checks, input preparation (fp32, zero-padded), threading with
+// at::parallel_for, and the choice of the ISA-specific kernel (checked against the running CPU).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace sparsellm {
+namespace {
+
+enum Isa : int64_t { kAvx2 = 2, kAvx512 = 3 };
+
+bool cpu_has(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                    __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  if (isa == kAvx2) return avx2;
+  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi2");
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> found;
+  if (cpu_has(kAvx512)) found.push_back("avx512");
+  if (cpu_has(kAvx2)) found.push_back("avx2");
+  return found;
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+
+// The runtime layout of one matrix, as the Python side (layouts.py) holds it.
+Weights unpack(int64_t format, int64_t codec, int64_t rows, int64_t cols, int64_t panel, int64_t group,
+               bool input_major, const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
+               const at::Tensor& positions, const at::Tensor& scales, const at::Tensor& biases) {
+  TORCH_CHECK(cols % 64 == 0 && panel % 64 == 0 && panel > 0, "columns and panel must be multiples of 64");
+  TORCH_CHECK(format >= kDense && format <= kNM24 && codec >= kF32 && codec <= kU4, "unknown format or codec");
+  for (const at::Tensor* t : {&values, &mask, &offsets, &positions, &scales, &biases})
+    TORCH_CHECK(t->numel() == 0 || (t->is_contiguous() && t->device().is_cpu()), "layout tensors must be contiguous CPU tensors");
+  Weights w;
+  w.format = int(format);
+  w.codec = int(codec);
+  w.rows = rows;
+  w.cols = cols;
+  w.panel = panel;
+  w.values = data_or_null(values);
+  w.mask = static_cast<const uint64_t*>(data_or_null(mask));
+  w.offsets = offsets.numel() ? offsets.data_ptr<int64_t>() : nullptr;
+  w.positions = static_cast<const uint32_t*>(data_or_null(positions));
+  w.scales = scales.numel() ? scales.data_ptr<float>() : nullptr;
+  w.biases = biases.numel() ? biases.data_ptr<float>() : nullptr;
+  w.group = group;
+  w.groups = group > 0 ? (input_major ? (rows + group - 1) / group : (cols + group - 1) / group) : 0;
+  w.input_major = input_major;
+  TORCH_CHECK(w.values != nullptr, "no values");
+  TORCH_CHECK(format != kBitmask || (w.mask && w.offsets), "bitmask layout without mask or offsets");
+  TORCH_CHECK(format != kNM24 || w.positions, "2:4 layout without positions");
+  TORCH_CHECK(codec < kU8 || (w.scales && w.biases && group % 64 == 0), "quantized layout without scales, or group not a multiple of 64");
+  return w;
+}
+
+// x as fp32, (n, width) zero-padded; `threshold` >= 0 zeroes |x| <= threshold (activation sparsity).
+at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= width, "input must be (tokens, features)");
+  at::Tensor padded = at::zeros({x.size(0), width}, x.options().dtype(at::kFloat));
+  padded.narrow(1, 0, x.size(1)).copy_(x);
+  if (threshold >= 0) padded.mul_(padded.abs().gt(threshold));
+  return padded;
+}
+
+bool use_avx512(int64_t isa) {
+  TORCH_CHECK(isa == kAvx512 || isa == kAvx2, "unknown instruction set");
+  TORCH_CHECK(cpu_has(Isa(isa)), "this CPU cannot run the ", isa == kAvx512 ? "AVX-512" : "AVX2", " kernels");
+  return isa == kAvx512;
+}
+
+#define LAYOUT_ARGS                                                                                      \
+  int64_t format, int64_t codec, int64_t rows, int64_t cols, int64_t panel, int64_t group, bool input_major, \
+      const at::Tensor &values, const at::Tensor &mask, const at::Tensor &offsets, const at::Tensor &positions, \
+      const at::Tensor &scales, const at::Tensor &biases
+#define LAYOUT_UNPACK \
+  unpack(format, codec, rows, cols, panel, group, input_major, values, mask, offsets, positions, scales, biases)
+
+// y = x W^T for a row-major layout (rows = output features): fp32 result of shape (n, rows).
+at::Tensor gemv(const at::Tensor& x, int64_t isa, LAYOUT_ARGS) {
+  const Weights w = LAYOUT_UNPACK;
+  TORCH_CHECK(!w.input_major, "gemv needs a row-major layout");
+  const at::Tensor xp = prepare(x, w.cols, -1.0);
+  at::Tensor y = at::zeros({x.size(0), w.rows}, x.options().dtype(at::kFloat));
+  const Batch b{xp.data_ptr<float>(), xp.size(0), w.cols, y.data_ptr<float>(), w.rows};
+  auto run = [&](auto kernel) {
+    at::parallel_for(0, w.rows, 16, [&](int64_t r0, int64_t r1) { kernel(w, b, r0, r1); });
+  };
+  use_avx512(isa) ? run(gemv_avx512) : run(gemv_avx2);
+  return y;
+}
+
+// y = s(x) W^T with an input-major layout (rows = input features, cols = padded output features),
+// s zeroing |x| <= threshold; only the rows of surviving inputs are read. Threads split the inputs
+// (not the outputs), so each streams long contiguous runs, and their partial sums are added.
+at::Tensor input_major(const at::Tensor& x, double threshold, int64_t out_features, int64_t isa, LAYOUT_ARGS) {
+  const Weights w = LAYOUT_UNPACK;
+  TORCH_CHECK(w.input_major && w.format != kNM24, "activation sparsity needs an input-major dense or bitmask layout");
+  const at::Tensor xp = prepare(x, w.rows, threshold);
+  const int64_t n = xp.size(0);
+  const float* xs = xp.data_ptr<float>();
+  std::vector<int32_t> active;
+  active.reserve(w.rows);
+  for (int64_t j = 0; j < w.rows; ++j)
+    for (int64_t t = 0; t < n; ++t)
+      if (xs[t * w.rows + j] != 0.0f) { active.push_back(int32_t(j)); break; }
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(active.size()) / 8 + 1));
+  at::Tensor partial = at::zeros({threads, n, w.cols}, xp.options());
+  auto run = [&](auto kernel) {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t part = t0; part < t1; ++part) {  // one part per thread
+        const int64_t lo = int64_t(active.size()) * part / threads, hi = int64_t(active.size()) * (part + 1) / threads;
+        const Batch b{xs, n, w.rows, partial[part].data_ptr<float>(), w.cols};
+        kernel(w, b, Active{active.data() + lo, hi - lo});
+      }
+    });
+  };
+  use_avx512(isa) ? run(input_major_avx512) : run(input_major_avx2);
+  return (threads == 1 ? partial[0] : partial.sum(0)).narrow(1, 0, out_features);
+}
+
+void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, int64_t row_end, float* out) {
+  const int64_t width = w.panel_width(p);
+  auto run = [&](auto kernel) {
+    at::parallel_for(row_begin, row_end, 8, [&](int64_t r0, int64_t r1) {
+      kernel(w, p, r0, r1, out + (r0 - row_begin) * width, width);
+    });
+  };
+  use_avx512(isa) ? run(decode_avx512) : run(decode_avx2);
+}
+
+// Rows [row_begin, row_end) of one panel as a dense fp32 matrix (rows x panel width).
+at::Tensor decode(int64_t panel_index, int64_t row_begin, int64_t row_end, int64_t isa, LAYOUT_ARGS) {
+  const Weights w = LAYOUT_UNPACK;
+  TORCH_CHECK(0 <= panel_index && panel_index < w.panels() && 0 <= row_begin && row_begin <= row_end && row_end <= w.rows,
+              "panel or rows out of range");
+  at::Tensor out = at::empty({row_end - row_begin, w.panel_width(panel_index)}, values.options().dtype(at::kFloat));
+  decode_rows(w, isa, panel_index, row_begin, row_end, out.data_ptr<float>());
+  return out;
+}
+
+// The dense path for many tokens (prefill): decode a block of rows at a time into a buffer that
+// stays in cache and multiply it with the BLAS GEMM in x's dtype. The matrix is never dense in
+// memory as a whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T.
+at::Tensor dense(const at::Tensor& x, int64_t out_features, int64_t block_bytes, int64_t isa, LAYOUT_ARGS) {
+  const Weights w = LAYOUT_UNPACK;
+  const auto dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  const int64_t width = w.input_major ? w.rows : w.cols;
+  at::Tensor xp = at::zeros({x.size(0), width}, x.options().dtype(dtype));
+  xp.narrow(1, 0, x.size(1)).copy_(x);
+  at::Tensor y = at::zeros({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
+  for (int64_t p = 0; p < w.panels(); ++p) {
+    const int64_t panel_width = w.panel_width(p);
+    const int64_t block = std::max<int64_t>(16, block_bytes / (4 * panel_width));
+    at::Tensor buffer = at::empty({block, panel_width}, x.options().dtype(at::kFloat));
+    for (int64_t r0 = 0; r0 < w.rows; r0 += block) {
+      const int64_t r1 = std::min(w.rows, r0 + block);
+      decode_rows(w, isa, p, r0, r1, buffer.data_ptr<float>());
+      at::Tensor tile = buffer.narrow(0, 0, r1 - r0);
+      if (dtype != at::kFloat) tile = tile.to(dtype);
+      if (w.input_major)
+        y.narrow(1, p * w.panel, panel_width).addmm_(xp.narrow(1, r0, r1 - r0), tile);
+      else
+        y.narrow(1, r0, r1 - r0).addmm_(xp.narrow(1, p * w.panel, panel_width), tile.t());
+    }
+  }
+  return y.narrow(1, 0, out_features);
+}
+
+}  // namespace
+}  // namespace sparsellm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparsellm CPU kernels for sparse and quantized linear layers";
+  m.def("cpu_isas", &sparsellm::cpu_isas, "instruction sets of this CPU that the kernels can use, best first");
+  m.def("gemv", &sparsellm::gemv, "y = x W^T, row-major layout");
+  m.def("input_major", &sparsellm::input_major, "y = s(x) W^T, input-major layout, activation-sparse");
+  m.def("decode", &sparsellm::decode, "rows of one panel as a dense fp32 matrix");
+  m.def("dense", &sparsellm::dense, "y = x W^T through cached blocks of decoded rows and the BLAS GEMM");
+}
