@@ -180,11 +180,11 @@ def use_backend(name: str) -> Iterator[Backend]:
         _selected = previous
 
 
-# The operations the layers call, on whichever backend is current. All return float32.
+# The operations the layers call, on whichever backend is current.
 
 
 def gemv(layout: Layout, x: torch.Tensor) -> torch.Tensor:
-    """y = x W^T with a row-major layout; x is (tokens, in_features)."""
+    """y = x W^T (float32) with a row-major layout; x is (tokens, in_features)."""
     backend = current()
     if backend.name == "torch":
         return reference.gemv(layout, x)
@@ -204,7 +204,8 @@ DENSE_BLOCK_BYTES = 1 << 20  # decoded rows per GEMM call: fits L2 next to the p
 
 
 def dense(layout: Layout, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-    """y = s(x) W^T through the BLAS GEMM on blocks of decoded rows (the path for many tokens)."""
+    """y = s(x) W^T through the BLAS GEMM on blocks of decoded rows (the path for many tokens), in the
+    GEMM's dtype: bfloat16 for bfloat16 inputs and values, else float32."""
     backend = current()
     x = reference.threshold(x, threshold)
     if backend.name == "torch":

@@ -64,8 +64,9 @@ def decode(layout: Layout) -> torch.Tensor:
 
 
 def threshold(x: torch.Tensor, value: float | None) -> torch.Tensor:
-    """Activation sparsity: inputs with |x| <= value become zero."""
-    return x if value is None else x * (x.abs() > value)
+    """The TEAL sparsifier s(x) = x * 1[|x| > value], compared in float32 as the kernels do (a
+    bfloat16 comparison would round ``value`` first)."""
+    return x if value is None else x * (x.float().abs() > value)
 
 
 def gemv(layout: Layout, x: torch.Tensor) -> torch.Tensor:

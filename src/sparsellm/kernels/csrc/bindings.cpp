@@ -158,7 +158,8 @@ at::Tensor decode(int64_t panel_index, int64_t row_begin, int64_t row_end, int64
 // memory as a whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T.
 at::Tensor dense(const at::Tensor& x, int64_t out_features, int64_t block_bytes, int64_t isa, LAYOUT_ARGS) {
   const Weights w = LAYOUT_UNPACK;
-  const auto dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  // bfloat16 GEMM only when the weights are bfloat16 already: rounding other values would change them.
+  const auto dtype = x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
   const int64_t width = w.input_major ? w.rows : w.cols;
   at::Tensor xp = at::zeros({x.size(0), width}, x.options().dtype(dtype));
   xp.narrow(1, 0, x.size(1)).copy_(x);
