@@ -122,14 +122,14 @@ def layer_table(folder: str | os.PathLike, *, kernels: str = "sparse", repeats: 
         bf16 = [w.to(torch.bfloat16) for w in weights]
         layers = [dict(block.named_modules())[name] for block in sparse_blocks]
         x = torch.randn(1, weights[0].shape[1])
-        timings = {"float32": [], "bfloat16": [], "sparsellm": []}
-        runs = {"float32": lambda w: F.linear(x, w), "bfloat16": lambda w: F.linear(x.to(torch.bfloat16), w),
-                "sparsellm": lambda layer: layer(x)}
-        operands = {"float32": weights, "bfloat16": bf16, "sparsellm": layers}
+        x16 = x.to(torch.bfloat16)
+        sweeps = {"float32": lambda x=x, ws=weights: [F.linear(x, w) for w in ws],
+                  "bfloat16": lambda x=x16, ws=bf16: [F.linear(x, w) for w in ws],
+                  "sparsellm": lambda x=x, ls=layers: [layer(x) for layer in ls]}
+        timings = {variant: [] for variant in sweeps}
         for _ in range(repeats):  # interleaved: one sweep over all blocks per variant, in turn
-            for variant, run in runs.items():
-                timings[variant].append(_seconds(lambda run=run, ops=operands[variant]: [run(op) for op in ops])
-                                        / len(layers))
+            for variant, sweep in sweeps.items():
+                timings[variant].append(_seconds(sweep) / len(layers))
         median = {variant: statistics.median(values) for variant, values in timings.items()}
         layer = layers[0]
         rows.append({"layer": name, "shape": tuple(weights[0].shape),
