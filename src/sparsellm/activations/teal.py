@@ -34,15 +34,20 @@ from ..models import in_features
 from ..weights.masks import check_sparsity
 from ..weights.oneshot import calibration_windows
 
-BINS = 10_000
-TAIL_QUANTILE = 0.99  # regular bins span up to this quantile of the first batch; one bin holds the tail
-SAMPLE = 1 << 20  # values the first batch's quantile is estimated from
+BINS = 1 << 14
+TAIL_QUANTILE = 0.99  # the regular bins reach at least this quantile of every batch; one bin holds the rest
+HEADROOM = 4.0  # the first edge: this many times the first batch's quantile, so later batches rarely widen it
+SAMPLE = 1 << 16  # values a batch's quantile is estimated from
 FILE = "activation_sparsity.json"
 
 
 @dataclass
 class AbsHistogram:
-    """Histogram of |x| over every element of a layer's input, batch after batch."""
+    """Histogram of |x| over every element of a layer's input, batch after batch.
+
+    ``BINS`` equal bins span [0, edge); values above go to one tail bin. When a batch reaches
+    further, the edge doubles and neighbouring bins merge (values already in the tail stay there).
+    """
 
     features: int
     counts: torch.Tensor | None = None  # BINS regular bins, then the tail bin
@@ -51,11 +56,15 @@ class AbsHistogram:
 
     def add_batch(self, inputs: torch.Tensor, sequences: int | None = None) -> None:
         values = inputs.detach().reshape(-1).abs().float()
+        step = max(1, values.numel() // SAMPLE)
+        reach = torch.quantile(values[::step][:SAMPLE], TAIL_QUANTILE).item()
         if self.counts is None:
-            step = max(1, values.numel() // SAMPLE)
-            edge = torch.quantile(values[::step][:SAMPLE], TAIL_QUANTILE).item()
-            self.edge = edge if edge > 0 else max(values.max().item(), 1e-12)
+            self.edge = HEADROOM * reach if reach > 0 else max(values.max().item(), 1e-12)
             self.counts = torch.zeros(BINS + 1, dtype=torch.float64)
+        while reach > self.edge:
+            merged = self.counts[:BINS].view(-1, 2).sum(1)
+            self.counts[:BINS] = torch.cat([merged, torch.zeros_like(merged)])
+            self.edge *= 2
         index = (values * (BINS / self.edge)).floor_().clamp_(max=BINS).long()
         self.counts += torch.bincount(index, minlength=BINS + 1).double()
         self.peak = max(self.peak, values.max().item())
