@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .kernels import SparseLinear
 from .kernels import load as load_kernels
@@ -75,17 +76,11 @@ def prefill(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits[:, -1]
 
 
-def compare(folder: str | os.PathLike, *, kernels: str = "auto", dtype: torch.dtype = torch.bfloat16,
-            decode_tokens: int = 128, prefill_tokens: int = 512, prompt_tokens: int = 8,
-            repeats: int = 3, seed: int = 0) -> SpeedReport:
-    """Decode and prefill speed of the folder's model: dense (float32, bfloat16) vs the kernels.
-
-    The kernel variant computes in ``dtype`` and stores its sparse values in bfloat16.
-    """
-    variants = {name: load_model(folder, dtype=value)[0] for name, value in DENSE.items()}
-    variants["sparsellm"] = load_kernels(folder, kernels, dtype=dtype, weight_dtype=torch.bfloat16)[0]
+def measure(variants: dict[str, nn.Module], *, decode_tokens: int = 128, prefill_tokens: int = 512,
+            prompt_tokens: int = 8, repeats: int = 3, kernels: str = "auto", seed: int = 0) -> SpeedReport:
+    """Decode and prefill speed of loaded models (``DENSE`` names among them), interleaved run by run."""
     generator = torch.Generator().manual_seed(seed)
-    vocab = variants["dense float32"].config.vocab_size
+    vocab = next(iter(variants.values())).config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=generator)
     long_prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=generator)
     report = SpeedReport(decode_tokens, prefill_tokens, repeats, torch.get_num_threads(), kernels)
@@ -102,6 +97,18 @@ def compare(folder: str | os.PathLike, *, kernels: str = "auto", dtype: torch.dt
                     row["decode_tokens_per_s"], row["decode_ratio"], row["prefill_tokens_per_s"],
                     row["prefill_ratio"])
     return report
+
+
+def compare(folder: str | os.PathLike, *, kernels: str = "auto", dtype: torch.dtype = torch.bfloat16,
+            **options) -> SpeedReport:
+    """Decode and prefill speed of the folder's model: dense (float32, bfloat16) vs the kernels.
+
+    The kernel variant computes in ``dtype`` and stores its sparse values in bfloat16; ``options``
+    go to ``measure``.
+    """
+    variants = {name: load_model(folder, dtype=value)[0] for name, value in DENSE.items()}
+    variants["sparsellm"] = load_kernels(folder, kernels, dtype=dtype, weight_dtype=torch.bfloat16)[0]
+    return measure(variants, kernels=kernels, **options)
 
 
 @torch.no_grad()

@@ -141,13 +141,19 @@ class ActivationSparsity:
 
 def calibrate(model: nn.Module, tokenizer, sparsity: float = 0.5, *, calib: str | Text = "builtin",
               nsamples: int = 32, seqlen: int = 512, layer_sparsity: Mapping[str, float] | None = None,
-              batch_size: int = 8, device: str | None = None) -> ActivationSparsity:
+              batch_size: int = 8, device: str | None = None, windows: torch.Tensor | None = None,
+              ) -> ActivationSparsity:
     """Thresholds that zero a share ``sparsity`` of every layer's inputs on the calibration text.
 
-    ``layer_sparsity`` maps layer names to their own target. The model is not changed.
+    ``layer_sparsity`` maps layer names to their own target; ``windows`` (token ids, (n, seqlen))
+    replace the calibration text. The model is not changed.
     """
     sparsity = check_sparsity(sparsity)
-    windows, description = calibration_windows(model, tokenizer, calib, nsamples, seqlen)
+    if windows is None:
+        windows, description = calibration_windows(model, tokenizer, calib, nsamples, seqlen)
+    else:
+        description = {"name": "token windows", "nsamples": len(windows), "seqlen": windows.shape[1]}
+        nsamples, seqlen = windows.shape
     thresholds, targets = {}, {}
     for step in engine.walk(model, windows, batch_size=batch_size, device=device, desc="activation histograms"):
         histograms = step.collect(lambda name, module: AbsHistogram(in_features(module)))
