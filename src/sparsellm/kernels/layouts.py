@@ -108,13 +108,13 @@ def padded(size: int) -> int:
 
 
 def _pad_columns(matrix: torch.Tensor, cols: int) -> torch.Tensor:
-    return torch.nn.functional.pad(matrix, (0, cols - matrix.shape[1]))
+    return matrix if matrix.shape[1] == cols else torch.nn.functional.pad(matrix, (0, cols - matrix.shape[1]))
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
     """(rows, cols) bool, cols a multiple of 64 -> (rows, cols / 64) int64 words, LSB first."""
     rows, cols = keep.shape
-    packed = np.packbits(keep.numpy(), axis=1, bitorder="little")  # (rows, cols / 8) bytes, LSB first
+    packed = np.packbits(keep.contiguous().numpy(), axis=1, bitorder="little")  # (rows, cols / 8), LSB first
     return torch.from_numpy(packed.view("<i8").copy()).reshape(rows, cols // 64)
 
 
@@ -142,30 +142,57 @@ def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], 1).reshape(-1)[:count]
 
 
+def _completed_nibbles() -> np.ndarray:
+    """For each byte of a packed mask (two groups of four columns): the byte with each group filled
+    up to two kept columns by its first unkept ones, or 0xFF-marked invalid (a group keeps three)."""
+    nibbles = np.zeros(16, dtype=np.int16)
+    for nibble in range(16):
+        filled, bit = nibble, 0
+        while bin(filled).count("1") < 2:
+            filled |= 0 if filled >> bit & 1 else 1 << bit
+            bit += 1
+        nibbles[nibble] = filled if bin(nibble).count("1") <= 2 else -1
+    table = np.array([nibbles[b & 15] | nibbles[b >> 4] << 4 for b in range(256)], dtype=np.int16)
+    return np.where((nibbles[np.arange(256) & 15] < 0) | (nibbles[np.arange(256) >> 4] < 0), -1, table)
+
+
+_COMPLETED = _completed_nibbles()
+
+
 def complete_24(keep: torch.Tensor) -> torch.Tensor:
     """Keep exactly two of every four columns: add the first unkept positions of groups with fewer.
 
     Raises if a group keeps more than two (the matrix is not 2:4).
     """
     rows, cols = keep.shape
-    groups = keep.reshape(rows, cols // 4, 4)
-    counts = groups.sum(-1)
-    if bool((counts > 2).any()):
+    packed = np.packbits(keep.contiguous().numpy(), axis=1, bitorder="little")  # two groups per byte
+    filled = _COMPLETED[packed]
+    if bool((filled < 0).any()):
         raise SparseLLMError("the weight is not 2:4 sparse: some group of four columns keeps more than two")
-    needed = (2 - counts).unsqueeze(-1)
-    # rank of each unkept position within its group; add the first `needed` of them
-    rank = torch.cumsum(~groups, -1) - 1
-    filled = groups | (~groups & (rank < needed))
-    return filled.reshape(rows, cols)
+    bits = np.unpackbits(filled.astype(np.uint8), axis=1, count=cols, bitorder="little")
+    return torch.from_numpy(bits).view(torch.bool)
 
 
-def _pack_positions(keep: torch.Tensor) -> torch.Tensor:
-    """2-bit in-group position of each kept value (two per group, ascending), 16 per 32-bit word."""
-    rows, cols = keep.shape
-    column = torch.arange(cols).expand(rows, cols)
-    positions = (column[keep] % 4).reshape(-1, 16).to(torch.int64)
-    words = (positions << (2 * torch.arange(16))).sum(1)
-    return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
+_SAME_SIZE_INTEGER = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _kept_values(matrix: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """``matrix[keep]`` in row-major order, and the flat indices of ``keep``.
+
+    numpy's flatnonzero and take are several times faster than torch's boolean indexing, which
+    matters when a model's layouts are built at load time; bfloat16 goes through a 16-bit view.
+    """
+    index = np.flatnonzero(keep.contiguous().numpy())
+    matrix = matrix.contiguous()
+    raw = matrix.view(getattr(torch, np.dtype(_SAME_SIZE_INTEGER[matrix.element_size()]).name)).numpy()
+    return torch.from_numpy(raw.reshape(-1)[index]).view(matrix.dtype), index
+
+
+def _pack_positions(index: np.ndarray) -> torch.Tensor:
+    """2-bit in-group positions of the kept values (flat indices into a matrix of a multiple of 4
+    columns, two per group, ascending), 16 per 32-bit word."""
+    positions = (index & 3).astype(np.uint32).reshape(-1, 16) << (2 * np.arange(16, dtype=np.uint32))
+    return torch.from_numpy(np.bitwise_or.reduce(positions, axis=1).view(np.int32))
 
 
 def build(weight: torch.Tensor, keep: torch.Tensor | None = None, *, format: str = "bitmask",
@@ -210,19 +237,21 @@ def build(weight: torch.Tensor, keep: torch.Tensor | None = None, *, format: str
     values, masks, offsets, positions = [], [], [], []
     start = 0
     for first in range(0, cols, panel):
-        part_keep = keep[:, first : first + panel].contiguous()
+        part_keep = keep[:, first : first + panel]
         part = weight[:, first : first + panel]
         if format == "dense":
             values.append(part.reshape(-1))
             continue
-        values.append(part[part_keep])
+        kept, index = _kept_values(part, part_keep)
+        values.append(kept)
         if format == "bitmask":
-            masks.append(pack_bits(part_keep).reshape(-1))
-            counts = part_keep.sum(1)
+            words = pack_bits(part_keep)
+            counts = torch.from_numpy(np.bitwise_count(words.numpy().view(np.uint64)).sum(1, dtype=np.int64))
+            masks.append(words.reshape(-1))
             offsets.append(start + torch.cumsum(counts, 0) - counts)
             start += int(counts.sum())
         else:
-            positions.append(_pack_positions(part_keep))
+            positions.append(_pack_positions(index))
     flat = torch.cat(values)
     if codec == "uint4":
         flat = _pack_nibbles(flat)
