@@ -18,6 +18,13 @@ namespace {
 
 constexpr int kPrefetchBytes = 2048;
 
+// Prefetch the cache lines the stream will reach kPrefetchBytes after the bytes [from, to) just read.
+inline void prefetch_ahead(const char* from, const char* to) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(to) + kPrefetchBytes;
+  for (uintptr_t line = (reinterpret_cast<uintptr_t>(from) + kPrefetchBytes) & ~uintptr_t(63); line < end; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+}
+
 struct Tables {
   alignas(16) int8_t spread16[256][16];  // pshufb control: 8 packed 16-bit values -> lanes of the set bits
   alignas(16) int8_t spread8[256][16];   // the same for 8-bit values (low 8 bytes)
@@ -184,19 +191,19 @@ struct RowCursor {
     }
   }
 
-  void step(int64_t half, Block& blk) {  // half: index of the 32-column step in the panel
-    _mm_prefetch(Values<C>::at(w.values, i) + kPrefetchBytes, _MM_HINT_T0);
-    const int64_t c = c0 + 32 * half;
+  void step(int64_t half, Block& blk, bool prefetch = true) {  // half: index of the 32-column step in the panel
+    const int64_t first = i, c = c0 + 32 * half;
     if (w.format == kDense) {
       decode_dense<C>(w, i, r, c, blk);
       i += 32;
     } else if (w.format == kBitmask) {
-      _mm_prefetch(reinterpret_cast<const char*>(mask + half / 2) + kPrefetchBytes / 4, _MM_HINT_T0);
+      if (prefetch && (half & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + half / 2) + kPrefetchBytes / 4, _MM_HINT_T0);
       i = decode_bitmask<C>(w, i, uint32_t(mask[half / 2] >> (32 * (half & 1))), r, c, blk);
     } else {
       decode_bitmask<C>(w, i, nm24_mask(w.positions[i / 16]), r, c, blk);
       i += 16;
     }
+    if (prefetch) prefetch_ahead(Values<C>::at(w.values, first), Values<C>::at(w.values, i));
   }
 };
 
@@ -269,9 +276,12 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
       if (used == 0) continue;
       RowCursor<C> cursor(w, 0, j);
       for (int64_t s = 0; s < steps; ++s) {
-        _mm_prefetch(Values<C>::at(w.values, cursor.i + ahead), _MM_HINT_T0);
+        const int64_t first = cursor.i;
         Block blk;
-        cursor.step(s, blk);
+        cursor.step(s, blk, false);
+        // The next active row is not adjacent: fetch it alongside this one, at the same position.
+        prefetch_ahead(Values<C>::at(w.values, first + ahead) - kPrefetchBytes,
+                       Values<C>::at(w.values, cursor.i + ahead) - kPrefetchBytes);
         for (int64_t u = 0; u < used; ++u) {
           float* y = b.y + tokens[u] * b.y_stride + 32 * s;
           for (int q = 0; q < 4; ++q) _mm256_storeu_ps(y + 8 * q, _mm256_fmadd_ps(blk.w[q], scale[u], _mm256_loadu_ps(y + 8 * q)));

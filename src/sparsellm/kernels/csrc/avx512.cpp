@@ -18,6 +18,13 @@ namespace {
 
 constexpr int kPrefetchBytes = 2048;
 
+// Prefetch the cache lines the stream will reach kPrefetchBytes after the bytes [from, to) just read.
+inline void prefetch_ahead(const char* from, const char* to) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(to) + kPrefetchBytes;
+  for (uintptr_t line = (reinterpret_cast<uintptr_t>(from) + kPrefetchBytes) & ~uintptr_t(63); line < end; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+}
+
 inline int64_t popcount(uint64_t bits) { return _mm_popcnt_u64(bits); }
 
 // One codec per stored value type: 16 values at element index i, as fp32 (quantized: the integer).
@@ -184,8 +191,8 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
   if (w.format == kNM24) {
     int64_t i = dense_start(w, p, r) / 2;
     for (int64_t k = 0; k < words; ++k, i += 32) {
-      _mm_prefetch(Values<C>::at(w.values, i) + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w.positions + i / 16) + kPrefetchBytes / 8, _MM_HINT_T0);
+      prefetch_ahead(Values<C>::at(w.values, i), Values<C>::at(w.values, i + 32));
+      if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(w.positions + i / 16) + kPrefetchBytes / 4, _MM_HINT_T0);
       Gathered g;
       decode_nm24<C>(w, i, r, c0 + 64 * k, g);
       for (int t = 0; t < NB; ++t) {
@@ -201,15 +208,16 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
     const uint64_t* mask = bitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
     int64_t i = bitmask ? w.offsets[p * w.rows + r] : dense_start(w, p, r);
     for (int64_t k = 0; k < words; ++k) {
-      _mm_prefetch(Values<C>::at(w.values, i) + kPrefetchBytes, _MM_HINT_T0);
+      const int64_t first = i;
       Block blk;
       if (bitmask) {
-        _mm_prefetch(reinterpret_cast<const char*>(mask + k) + kPrefetchBytes / 4, _MM_HINT_T0);
+        if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k) + kPrefetchBytes / 4, _MM_HINT_T0);
         i = decode_bitmask<C>(w, i, mask[k], r, c0 + 64 * k, blk);
       } else {
         decode_dense<C>(w, i, r, c0 + 64 * k, blk);
         i += 64;
       }
+      prefetch_ahead(Values<C>::at(w.values, first), Values<C>::at(w.values, i));
       for (int t = 0; t < NB; ++t) {
         const float* xt = x + t * b.x_stride + 64 * k;
         acc[t][0] = _mm512_fmadd_ps(blk.w[0], _mm512_loadu_ps(xt), acc[t][0]);
@@ -281,16 +289,18 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
       if (used == 0) continue;
       int64_t i = start;
       for (int64_t k = 0; k < words; ++k) {
-        // The next active row is not adjacent: fetch it alongside this one.
-        _mm_prefetch(Values<C>::at(w.values, i + ahead), _MM_HINT_T0);
+        const int64_t first = i;
         Block blk;
         if (bitmask) {
-          _mm_prefetch(reinterpret_cast<const char*>(mask + k + (next - j) * words), _MM_HINT_T0);
+          if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k + (next - j) * words), _MM_HINT_T0);
           i = decode_bitmask<C>(w, i, mask[k], j, 64 * k, blk);
         } else {
           decode_dense<C>(w, i, j, 64 * k, blk);
           i += 64;
         }
+        // The next active row is not adjacent: fetch it alongside this one, at the same position.
+        prefetch_ahead(Values<C>::at(w.values, first + ahead) - kPrefetchBytes,
+                       Values<C>::at(w.values, i + ahead) - kPrefetchBytes);
         for (int64_t u = 0; u < used; ++u) {
           float* y = b.y + tokens[u] * b.y_stride + 64 * k;
           for (int q = 0; q < 4; ++q) _mm512_storeu_ps(y + 16 * q, _mm512_fmadd_ps(blk.w[q], scale[u], _mm512_loadu_ps(y + 16 * q)));
