@@ -32,6 +32,7 @@ HEADERS = ("kernels.h",)
 ISA_CODES = {"avx2": 2, "avx512": 3}
 BACKENDS = ("avx512", "avx2", "torch")
 CSRC = Path(__file__).parent / "csrc"
+FLAGS_VERSION = b"2"  # part of the cache key: bump when the compiler flags change
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def _compiled():
     """The compiled extension module, or the exception that prevented building it."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(torch.__version__.encode())
+    digest = hashlib.sha256(torch.__version__.encode() + FLAGS_VERSION)
     for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
     key = digest.hexdigest()[:12]
@@ -55,7 +56,9 @@ def _compiled():
     try:
         module = cpp_extension.load(
             name=f"sparsellm_kernels_{key}", sources=[str(CSRC / name) for name in SOURCES],
-            extra_cflags=["-O3", "-fno-math-errno", "-fno-trapping-math"], build_directory=str(build_dir),
+            # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, serial without it
+            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"], extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
             verbose=False,
         )
     except Exception as exc:  # no compiler, no headers, a build error: fall back, and say why

@@ -122,15 +122,40 @@ struct Block {
   __m512 w[4];
 };
 
-template <int C>
+// The GEMV kernels take bfloat16 in "even/odd" lane order: 32 values widen to fp32 with one shift
+// (the even ones) and one mask (the odd ones) instead of two cross-lane zero-extensions, which
+// keeps the shuffle port free for the bitmask's expand; x (or y, input-major) is permuted to match
+// (see even_odd_lanes in kernels.h). The decode to dense matrices keeps the natural order.
+template <int C, bool kKernelOrder>
+constexpr bool kEvenOdd = kKernelOrder && C == kBF16;
+
+inline void split_even_odd(__m512i words, __m512* out) {
+  out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+  out[1] = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+template <int C, bool kKernelOrder = false>
 inline void decode_dense(const Weights& w, int64_t i, int64_t r, int64_t c, Block& out) {
-  for (int q = 0; q < 4; ++q) out.w[q] = Values<C>::load(w.values, i + 16 * q);
-  dequantize<C>(w, r, c, out.w, nullptr);
+  if constexpr (kEvenOdd<C, kKernelOrder>) {
+    const uint16_t* v = static_cast<const uint16_t*>(w.values) + i;
+    split_even_odd(_mm512_loadu_si512(v), out.w);
+    split_even_odd(_mm512_loadu_si512(v + 32), out.w + 2);
+  } else {
+    for (int q = 0; q < 4; ++q) out.w[q] = Values<C>::load(w.values, i + 16 * q);
+    dequantize<C>(w, r, c, out.w, nullptr);
+  }
 }
 
 // Decodes the word's weights starting at value index `off`; returns the index after them.
-template <int C>
+template <int C, bool kKernelOrder = false>
 inline int64_t decode_bitmask(const Weights& w, int64_t off, uint64_t bits, int64_t r, int64_t c, Block& out) {
+  if constexpr (kEvenOdd<C, kKernelOrder>) {
+    const uint16_t* v = static_cast<const uint16_t*>(w.values);
+    const int64_t middle = off + popcount(bits & 0xffffffffULL);
+    split_even_odd(_mm512_maskz_expand_epi16(__mmask32(bits), _mm512_loadu_si512(v + off)), out.w);
+    split_even_odd(_mm512_maskz_expand_epi16(__mmask32(bits >> 32), _mm512_loadu_si512(v + middle)), out.w + 2);
+    return middle + popcount(bits >> 32);
+  }
   const int64_t o1 = off + popcount(bits & 0xffffULL);
   const int64_t o2 = off + popcount(bits & 0xffffffffULL);
   const int64_t o3 = off + popcount(bits & 0xffffffffffffULL);
@@ -212,9 +237,9 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
       Block blk;
       if (bitmask) {
         if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k) + kPrefetchBytes / 4, _MM_HINT_T0);
-        i = decode_bitmask<C>(w, i, mask[k], r, c0 + 64 * k, blk);
+        i = decode_bitmask<C, true>(w, i, mask[k], r, c0 + 64 * k, blk);
       } else {
-        decode_dense<C>(w, i, r, c0 + 64 * k, blk);
+        decode_dense<C, true>(w, i, r, c0 + 64 * k, blk);
         i += 64;
       }
       prefetch_ahead(Values<C>::at(w.values, first), Values<C>::at(w.values, i));
@@ -293,9 +318,9 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
         Block blk;
         if (bitmask) {
           if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k + (next - j) * words), _MM_HINT_T0);
-          i = decode_bitmask<C>(w, i, mask[k], j, 64 * k, blk);
+          i = decode_bitmask<C, true>(w, i, mask[k], j, 64 * k, blk);
         } else {
-          decode_dense<C>(w, i, j, 64 * k, blk);
+          decode_dense<C, true>(w, i, j, 64 * k, blk);
           i += 64;
         }
         // The next active row is not adjacent: fetch it alongside this one, at the same position.

@@ -13,8 +13,6 @@
 namespace sparsellm {
 namespace {
 
-enum Isa : int64_t { kAvx2 = 2, kAvx512 = 3 };
-
 bool cpu_has(Isa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
@@ -77,6 +75,14 @@ at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold) {
   return padded;
 }
 
+// Between natural order and the even/odd lane order of kernels.h (columns a multiple of 32).
+at::Tensor to_even_odd(const at::Tensor& t) {
+  return t.view({t.size(0), t.size(1) / 32, 16, 2}).transpose(2, 3).reshape({t.size(0), t.size(1)});
+}
+at::Tensor from_even_odd(const at::Tensor& t) {
+  return t.view({t.size(0), t.size(1) / 32, 2, 16}).transpose(2, 3).reshape({t.size(0), t.size(1)});
+}
+
 bool use_avx512(int64_t isa) {
   TORCH_CHECK(isa == kAvx512 || isa == kAvx2, "unknown instruction set");
   TORCH_CHECK(cpu_has(Isa(isa)), "this CPU cannot run the ", isa == kAvx512 ? "AVX-512" : "AVX2", " kernels");
@@ -94,7 +100,8 @@ bool use_avx512(int64_t isa) {
 at::Tensor gemv(const at::Tensor& x, int64_t isa, LAYOUT_ARGS) {
   const Weights w = LAYOUT_UNPACK;
   TORCH_CHECK(!w.input_major, "gemv needs a row-major layout");
-  const at::Tensor xp = prepare(x, w.cols, -1.0);
+  at::Tensor xp = prepare(x, w.cols, -1.0);
+  if (even_odd_lanes(isa, w)) xp = to_even_odd(xp);
   at::Tensor y = at::zeros({x.size(0), w.rows}, x.options().dtype(at::kFloat));
   const Batch b{xp.data_ptr<float>(), xp.size(0), w.cols, y.data_ptr<float>(), w.rows};
   auto run = [&](auto kernel) {
@@ -130,7 +137,8 @@ at::Tensor input_major(const at::Tensor& x, double threshold, int64_t out_featur
     });
   };
   use_avx512(isa) ? run(input_major_avx512) : run(input_major_avx2);
-  return (threads == 1 ? partial[0] : partial.sum(0)).narrow(1, 0, out_features);
+  at::Tensor y = threads == 1 ? partial[0] : partial.sum(0);
+  return (even_odd_lanes(isa, w) ? from_even_odd(y) : y).narrow(1, 0, out_features);
 }
 
 void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, int64_t row_end, float* out) {

@@ -56,6 +56,14 @@ struct Active {
   int64_t count = 0;
 };
 
+enum Isa : int64_t { kAvx2 = 2, kAvx512 = 3 };
+
+// Whether a GEMV (input-major: its output) uses the AVX-512 bfloat16 lane order: within each
+// block of 32 columns, the 16 even columns first, then the 16 odd ones.
+inline bool even_odd_lanes(int64_t isa, const Weights& w) {
+  return isa == kAvx512 && w.codec == kBF16 && w.format != kNM24;
+}
+
 #define SPARSELLM_ISA_API(isa)                                                                        \
   void gemv_##isa(const Weights& w, const Batch& b, int64_t row_begin, int64_t row_end);             \
   void decode_##isa(const Weights& w, int64_t panel, int64_t row_begin, int64_t row_end, float* out,  \
