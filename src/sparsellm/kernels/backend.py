@@ -108,21 +108,15 @@ def _self_check_cases() -> Iterator[tuple[Layout, torch.Tensor, float | None]]:
 
 def self_check(isa: str) -> str | None:
     """Compare the compiled kernels for ``isa`` with the reference; None if all agree, else what failed."""
-    module = extension()
     for layout, x, threshold in _self_check_cases():
-        if layout.input_major:
-            got = module.input_major(x, threshold, layout.out_features, ISA_CODES[isa], *layout.kernel_args())
-            expected = reference.input_major(layout, x, threshold)
-        else:
-            got = module.gemv(x, ISA_CODES[isa], *layout.kernel_args())
-            expected = reference.gemv(layout, x)
-        dense = module.dense(x if threshold is None else reference.threshold(x, threshold), layout.out_features,
-                             1 << 14, ISA_CODES[isa], *layout.kernel_args())
+        expected = reference.linear(layout, x, threshold)
         scale = expected.abs().max().item() + 1e-6
-        for name, result in (("kernel", got), ("dense path", dense)):
-            error = (result - expected).abs().max().item() / scale
+        for sparse in (True, False):
+            got = _compiled_linear(isa, layout, x, threshold, sparse, None)
+            error = (got - expected).abs().max().item() / scale
             if not error < 1e-4:
-                return f"{name} for {layout.describe()} is off by {error:.2e} (relative)"
+                path = "kernel" if sparse else "dense path"
+                return f"{path} for {layout.describe()} is off by {error:.2e} (relative)"
     return None
 
 
@@ -183,35 +177,35 @@ def use_backend(name: str) -> Iterator[Backend]:
         _selected = previous
 
 
-# The operations the layers call, on whichever backend is current.
+# The operation the layers call, on whichever backend is current.
+
+DENSE_BLOCK_BYTES = 1 << 20  # decoded rows per GEMM call on the dense path: fits L2 next to the panel of x
 
 
-def gemv(layout: Layout, x: torch.Tensor) -> torch.Tensor:
-    """y = x W^T (float32) with a row-major layout; x is (tokens, in_features)."""
+def _handle(layout: Layout):
+    """The compiled kernels' view of a layout, made once (layouts do not change)."""
+    handle = layout.__dict__.get("_handle")
+    if handle is None:
+        handle = extension().handle(layout.out_features, layout.in_features, *layout.kernel_args())
+        layout.__dict__["_handle"] = handle
+    return handle
+
+
+def _compiled_linear(isa: str, layout: Layout, x: torch.Tensor, threshold: float | None, sparse: bool,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    return extension().linear(x, _handle(layout), ISA_CODES[isa], -1.0 if threshold is None else threshold,
+                              sparse, bias, DENSE_BLOCK_BYTES)
+
+
+def linear(layout: Layout, x: torch.Tensor, threshold: float | None = None, sparse: bool = True,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = s(x) W^T + bias, in x's dtype, where s zeroes inputs with |x| <= threshold.
+
+    ``sparse`` runs the sparse kernel (an input-major layout reads only the rows of surviving
+    inputs); otherwise the dense path multiplies blocks of decoded rows with the BLAS GEMM, the
+    faster way for many tokens.
+    """
     backend = current()
     if backend.name == "torch":
-        return reference.gemv(layout, x)
-    return extension().gemv(x, ISA_CODES[backend.name], *layout.kernel_args())
-
-
-def input_major(layout: Layout, x: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """y = s(x) W^T with an input-major layout, reading only the rows of surviving inputs."""
-    backend = current()
-    if backend.name == "torch":
-        return reference.input_major(layout, x, threshold)
-    return extension().input_major(x, -1.0 if threshold is None else threshold, layout.out_features,
-                                   ISA_CODES[backend.name], *layout.kernel_args())
-
-
-DENSE_BLOCK_BYTES = 1 << 20  # decoded rows per GEMM call: fits L2 next to the panel of x
-
-
-def dense(layout: Layout, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-    """y = s(x) W^T through the BLAS GEMM on blocks of decoded rows (the path for many tokens), in the
-    GEMM's dtype: bfloat16 for bfloat16 inputs and values, else float32."""
-    backend = current()
-    x = reference.threshold(x, threshold)
-    if backend.name == "torch":
-        return reference.input_major(layout, x, None) if layout.input_major else reference.gemv(layout, x)
-    return extension().dense(x, layout.out_features, DENSE_BLOCK_BYTES, ISA_CODES[backend.name],
-                             *layout.kernel_args())
+        return reference.linear(layout, x, threshold, bias)
+    return _compiled_linear(backend.name, layout, x, threshold, sparse, bias)

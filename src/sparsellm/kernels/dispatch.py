@@ -64,11 +64,10 @@ def measure(layouts: list[Layout], activation_sparsity: float | None, repeats: i
         turn = iter(range(1 << 62))
 
         def sparse(x=x, turn=turn):
-            layout = layouts[next(turn) % len(layouts)]
-            return backend.input_major(layout, x, 0.0) if layout.input_major else backend.gemv(layout, x)
+            return backend.linear(layouts[next(turn) % len(layouts)], x, sparse=True)
 
         def dense(x=x, turn=turn):
-            return backend.dense(layouts[next(turn) % len(layouts)], x)
+            return backend.linear(layouts[next(turn) % len(layouts)], x, sparse=False)
 
         sparse_seconds = _median_seconds(sparse, repeats)
         dense_seconds = _median_seconds(dense, repeats)

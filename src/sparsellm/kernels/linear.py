@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import SparseLLMError
-from . import backend, dispatch, reference
+from . import backend, dispatch
 from .layouts import Layout, Quantization, build
 
 DISPATCH = ("auto", "sparse")
@@ -63,17 +63,8 @@ class SparseLinear(nn.Module):
         return self.crossover
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > self.sparse_tokens():
-            y = backend.dense(self.layout, flat, self.threshold)
-        elif self.layout.input_major:
-            y = backend.input_major(self.layout, flat, self.threshold)
-        else:
-            y = backend.gemv(self.layout, reference.threshold(flat, self.threshold))
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y += self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        tokens = x.numel() // self.in_features
+        return backend.linear(self.layout, x, self.threshold, tokens <= self.sparse_tokens(), self.bias)
 
     def extra_repr(self) -> str:
         parts = [self.layout.describe(), f"dispatch={self.dispatch}"]

@@ -81,3 +81,14 @@ def gemv(layout: Layout, x: torch.Tensor) -> torch.Tensor:
 def input_major(layout: Layout, x: torch.Tensor, value: float | None) -> torch.Tensor:
     """y = s(x) W^T for an input-major layout (which stores W^T)."""
     return (threshold(x.float(), value) @ decode(layout))[:, : layout.out_features]
+
+
+def linear(layout: Layout, x: torch.Tensor, value: float | None = None, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """The layer: y = s(x) W^T + bias with x (..., in_features), in x's dtype."""
+    flat = x.reshape(-1, layout.in_features)
+    y = input_major(layout, flat, value) if layout.input_major else gemv(layout, threshold(flat.float(), value))
+    y = y[:, : layout.out_features]
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], layout.out_features)

@@ -89,18 +89,32 @@ bool use_avx512(int64_t isa) {
   return isa == kAvx512;
 }
 
-#define LAYOUT_ARGS                                                                                      \
-  int64_t format, int64_t codec, int64_t rows, int64_t cols, int64_t panel, int64_t group, bool input_major, \
-      const at::Tensor &values, const at::Tensor &mask, const at::Tensor &offsets, const at::Tensor &positions, \
-      const at::Tensor &scales, const at::Tensor &biases
-#define LAYOUT_UNPACK \
-  unpack(format, codec, rows, cols, panel, group, input_major, values, mask, offsets, positions, scales, biases)
+// A layout's tensors, unpacked once into the struct the kernels read (and kept alive with it), so
+// a call passes one object instead of a dozen arguments.
+struct Handle {
+  Weights w;
+  int64_t out_features = 0, in_features = 0;
+  std::vector<at::Tensor> tensors;
+};
 
-// y = x W^T for a row-major layout (rows = output features): fp32 result of shape (n, rows).
-at::Tensor gemv(const at::Tensor& x, int64_t isa, LAYOUT_ARGS) {
-  const Weights w = LAYOUT_UNPACK;
-  TORCH_CHECK(!w.input_major, "gemv needs a row-major layout");
-  at::Tensor xp = prepare(x, w.cols, -1.0);
+std::shared_ptr<Handle> make_handle(int64_t out_features, int64_t in_features, int64_t format, int64_t codec,
+                                    int64_t rows, int64_t cols, int64_t panel, int64_t group, bool input_major,
+                                    const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
+                                    const at::Tensor& positions, const at::Tensor& scales, const at::Tensor& biases) {
+  auto handle = std::make_shared<Handle>();
+  handle->w = unpack(format, codec, rows, cols, panel, group, input_major, values, mask, offsets, positions, scales,
+                     biases);
+  handle->out_features = out_features;
+  handle->in_features = in_features;
+  handle->tensors = {values, mask, offsets, positions, scales, biases};
+  TORCH_CHECK((input_major ? cols : rows) >= out_features && (input_major ? rows : cols) >= in_features,
+              "layout smaller than its features");
+  return handle;
+}
+
+// y = x W^T for a row-major layout (rows = output features): fp32, (n, rows).
+at::Tensor gemv(const at::Tensor& x, const Weights& w, int64_t isa, double threshold) {
+  at::Tensor xp = prepare(x, w.cols, threshold);
   if (even_odd_lanes(isa, w)) xp = to_even_odd(xp);
   at::Tensor y = at::zeros({x.size(0), w.rows}, x.options().dtype(at::kFloat));
   const Batch b{xp.data_ptr<float>(), xp.size(0), w.cols, y.data_ptr<float>(), w.rows};
@@ -114,9 +128,7 @@ at::Tensor gemv(const at::Tensor& x, int64_t isa, LAYOUT_ARGS) {
 // y = s(x) W^T with an input-major layout (rows = input features, cols = padded output features),
 // s zeroing |x| <= threshold; only the rows of surviving inputs are read. Threads split the inputs
 // (not the outputs), so each streams long contiguous runs, and their partial sums are added.
-at::Tensor input_major(const at::Tensor& x, double threshold, int64_t out_features, int64_t isa, LAYOUT_ARGS) {
-  const Weights w = LAYOUT_UNPACK;
-  TORCH_CHECK(w.input_major && w.format != kNM24, "activation sparsity needs an input-major dense or bitmask layout");
+at::Tensor input_major(const at::Tensor& x, const Weights& w, int64_t isa, double threshold) {
   const at::Tensor xp = prepare(x, w.rows, threshold);
   const int64_t n = xp.size(0);
   const float* xs = xp.data_ptr<float>();
@@ -138,7 +150,7 @@ at::Tensor input_major(const at::Tensor& x, double threshold, int64_t out_featur
   };
   use_avx512(isa) ? run(input_major_avx512) : run(input_major_avx2);
   at::Tensor y = threads == 1 ? partial[0] : partial.sum(0);
-  return (even_odd_lanes(isa, w) ? from_even_odd(y) : y).narrow(1, 0, out_features);
+  return even_odd_lanes(isa, w) ? from_even_odd(y) : y;
 }
 
 void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, int64_t row_end, float* out) {
@@ -151,26 +163,14 @@ void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, in
   use_avx512(isa) ? run(decode_avx512) : run(decode_avx2);
 }
 
-// Rows [row_begin, row_end) of one panel as a dense fp32 matrix (rows x panel width).
-at::Tensor decode(int64_t panel_index, int64_t row_begin, int64_t row_end, int64_t isa, LAYOUT_ARGS) {
-  const Weights w = LAYOUT_UNPACK;
-  TORCH_CHECK(0 <= panel_index && panel_index < w.panels() && 0 <= row_begin && row_begin <= row_end && row_end <= w.rows,
-              "panel or rows out of range");
-  at::Tensor out = at::empty({row_end - row_begin, w.panel_width(panel_index)}, values.options().dtype(at::kFloat));
-  decode_rows(w, isa, panel_index, row_begin, row_end, out.data_ptr<float>());
-  return out;
-}
-
 // The dense path for many tokens (prefill): decode a block of rows at a time into a buffer that
-// stays in cache and multiply it with the BLAS GEMM in x's dtype. The matrix is never dense in
-// memory as a whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T.
-at::Tensor dense(const at::Tensor& x, int64_t out_features, int64_t block_bytes, int64_t isa, LAYOUT_ARGS) {
-  const Weights w = LAYOUT_UNPACK;
-  // bfloat16 GEMM only when the weights are bfloat16 already: rounding other values would change them.
+// stays in cache and multiply it with the BLAS GEMM. The matrix is never dense in memory as a
+// whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T. The GEMM runs in
+// bfloat16 only when inputs and weights are bfloat16 already: rounding other values would change them.
+at::Tensor dense(const at::Tensor& x, const Weights& w, int64_t isa, double threshold, int64_t block_bytes) {
   const auto dtype = x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
-  const int64_t width = w.input_major ? w.rows : w.cols;
-  at::Tensor xp = at::zeros({x.size(0), width}, x.options().dtype(dtype));
-  xp.narrow(1, 0, x.size(1)).copy_(x);
+  at::Tensor xp = prepare(x, w.input_major ? w.rows : w.cols, threshold);
+  if (dtype != at::kFloat) xp = xp.to(dtype);  // exact: bfloat16 inputs
   at::Tensor y = at::zeros({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
   for (int64_t p = 0; p < w.panels(); ++p) {
     const int64_t panel_width = w.panel_width(p);
@@ -187,7 +187,35 @@ at::Tensor dense(const at::Tensor& x, int64_t out_features, int64_t block_bytes,
         y.narrow(1, r0, r1 - r0).addmm_(xp.narrow(1, p * w.panel, panel_width), tile.t());
     }
   }
-  return y.narrow(1, 0, out_features);
+  return y;
+}
+
+// The layer: y (..., out_features) in x's dtype = s(x) W^T + bias, with s zeroing |x| <= threshold
+// (threshold < 0: no activation sparsity), through the sparse kernel or the dense path.
+at::Tensor linear(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, bool sparse,
+                  const c10::optional<at::Tensor>& bias, int64_t block_bytes) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == h.in_features, "input has ", x.size(-1), " features, the layer ",
+              h.in_features);
+  const at::Tensor flat = x.reshape({-1, h.in_features});
+  const Weights& w = h.w;
+  at::Tensor y = !sparse ? dense(flat, w, isa, threshold, block_bytes)
+               : w.input_major ? input_major(flat, w, isa, threshold)
+                               : gemv(flat, w, isa, threshold);
+  y = y.narrow(1, 0, h.out_features);
+  if (bias.has_value()) y = y + *bias;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = h.out_features;
+  return y.to(x.scalar_type()).reshape(shape);
+}
+
+// Rows [row_begin, row_end) of one panel as a dense fp32 matrix (rows x panel width).
+at::Tensor decode(const Handle& h, int64_t panel_index, int64_t row_begin, int64_t row_end, int64_t isa) {
+  const Weights& w = h.w;
+  TORCH_CHECK(0 <= panel_index && panel_index < w.panels() && 0 <= row_begin && row_begin <= row_end && row_end <= w.rows,
+              "panel or rows out of range");
+  at::Tensor out = at::empty({row_end - row_begin, w.panel_width(panel_index)}, at::TensorOptions().dtype(at::kFloat));
+  decode_rows(w, isa, panel_index, row_begin, row_end, out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace
@@ -195,9 +223,9 @@ at::Tensor dense(const at::Tensor& x, int64_t out_features, int64_t block_bytes,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsellm CPU kernels for sparse and quantized linear layers";
+  pybind11::class_<sparsellm::Handle, std::shared_ptr<sparsellm::Handle>>(m, "Handle");
   m.def("cpu_isas", &sparsellm::cpu_isas, "instruction sets of this CPU that the kernels can use, best first");
-  m.def("gemv", &sparsellm::gemv, "y = x W^T, row-major layout");
-  m.def("input_major", &sparsellm::input_major, "y = s(x) W^T, input-major layout, activation-sparse");
+  m.def("handle", &sparsellm::make_handle, "the kernels' view of a layout (see layouts.py)");
+  m.def("linear", &sparsellm::linear, "y = s(x) W^T + bias through the sparse kernel or the dense path");
   m.def("decode", &sparsellm::decode, "rows of one panel as a dense fp32 matrix");
-  m.def("dense", &sparsellm::dense, "y = x W^T through cached blocks of decoded rows and the BLAS GEMM");
 }
