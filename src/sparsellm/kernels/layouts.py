@@ -164,7 +164,7 @@ def complete_24(keep: torch.Tensor) -> torch.Tensor:
 
     Raises if a group keeps more than two (the matrix is not 2:4).
     """
-    rows, cols = keep.shape
+    cols = keep.shape[1]
     packed = np.packbits(keep.contiguous().numpy(), axis=1, bitorder="little")  # two groups per byte
     filled = _COMPLETED[packed]
     if bool((filled < 0).any()):

@@ -66,6 +66,12 @@ Weights unpack(int64_t format, int64_t codec, int64_t rows, int64_t cols, int64_
   return w;
 }
 
+// Threads pay off only with enough work each: this many weights per chunk of rows at least (an
+// OpenMP region costs microseconds, and far more when the machine is busy).
+constexpr int64_t kMinWeightsPerThread = 1 << 16;
+
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(16, kMinWeightsPerThread / std::max<int64_t>(cols, 1)); }
+
 // x as fp32, (n, width) zero-padded; `threshold` >= 0 zeroes |x| <= threshold (activation sparsity).
 at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) <= width, "input must be (tokens, features)");
@@ -119,7 +125,7 @@ at::Tensor gemv(const at::Tensor& x, const Weights& w, int64_t isa, double thres
   at::Tensor y = at::zeros({x.size(0), w.rows}, x.options().dtype(at::kFloat));
   const Batch b{xp.data_ptr<float>(), xp.size(0), w.cols, y.data_ptr<float>(), w.rows};
   auto run = [&](auto kernel) {
-    at::parallel_for(0, w.rows, 16, [&](int64_t r0, int64_t r1) { kernel(w, b, r0, r1); });
+    at::parallel_for(0, w.rows, row_grain(w.cols), [&](int64_t r0, int64_t r1) { kernel(w, b, r0, r1); });
   };
   use_avx512(isa) ? run(gemv_avx512) : run(gemv_avx2);
   return y;
@@ -137,7 +143,8 @@ at::Tensor input_major(const at::Tensor& x, const Weights& w, int64_t isa, doubl
   for (int64_t j = 0; j < w.rows; ++j)
     for (int64_t t = 0; t < n; ++t)
       if (xs[t * w.rows + j] != 0.0f) { active.push_back(int32_t(j)); break; }
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(active.size()) / 8 + 1));
+  const int64_t work = int64_t(active.size()) * w.cols;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWeightsPerThread));
   at::Tensor partial = at::zeros({threads, n, w.cols}, xp.options());
   auto run = [&](auto kernel) {
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
@@ -156,7 +163,7 @@ at::Tensor input_major(const at::Tensor& x, const Weights& w, int64_t isa, doubl
 void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, int64_t row_end, float* out) {
   const int64_t width = w.panel_width(p);
   auto run = [&](auto kernel) {
-    at::parallel_for(row_begin, row_end, 8, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(row_begin, row_end, row_grain(width), [&](int64_t r0, int64_t r1) {
       kernel(w, p, r0, r1, out + (r0 - row_begin) * width, width);
     });
   };
