@@ -18,11 +18,13 @@ namespace {
 
 constexpr int kPrefetchBytes = 2048;
 
-// Prefetch the cache lines the stream will reach kPrefetchBytes after the bytes [from, to) just read.
-inline void prefetch_ahead(const char* from, const char* to) {
-  const uintptr_t end = reinterpret_cast<uintptr_t>(to) + kPrefetchBytes;
-  for (uintptr_t line = (reinterpret_cast<uintptr_t>(from) + kPrefetchBytes) & ~uintptr_t(63); line < end; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+// Prefetch the lines a stream of C values will reach kPrefetchBytes after `at`, as many as one
+// step can consume, without branches (a loop over the lines actually consumed mispredicts when
+// that count varies, as it does with bitmasks).
+template <int C>
+inline void prefetch_ahead(const char* at) {
+  constexpr int bytes = 32 * (C == kF32 ? 4 : C == kU8 ? 1 : C == kU4 ? 1 : 2) / (C == kU4 ? 2 : 1);
+  for (int line = 0; line < (bytes + 63) / 64; ++line) _mm_prefetch(at + kPrefetchBytes + 64 * line, _MM_HINT_T0);
 }
 
 struct Tables {
@@ -203,7 +205,7 @@ struct RowCursor {
       decode_bitmask<C>(w, i, nm24_mask(w.positions[i / 16]), r, c, blk);
       i += 16;
     }
-    if (prefetch) prefetch_ahead(Values<C>::at(w.values, first), Values<C>::at(w.values, i));
+    if (prefetch) prefetch_ahead<C>(Values<C>::at(w.values, first));
   }
 };
 
@@ -280,8 +282,7 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
         Block blk;
         cursor.step(s, blk, false);
         // The next active row is not adjacent: fetch it alongside this one, at the same position.
-        prefetch_ahead(Values<C>::at(w.values, first + ahead) - kPrefetchBytes,
-                       Values<C>::at(w.values, cursor.i + ahead) - kPrefetchBytes);
+        prefetch_ahead<C>(Values<C>::at(w.values, first + ahead) - kPrefetchBytes);
         for (int64_t u = 0; u < used; ++u) {
           float* y = b.y + tokens[u] * b.y_stride + 32 * s;
           for (int q = 0; q < 4; ++q) _mm256_storeu_ps(y + 8 * q, _mm256_fmadd_ps(blk.w[q], scale[u], _mm256_loadu_ps(y + 8 * q)));

@@ -18,11 +18,13 @@ namespace {
 
 constexpr int kPrefetchBytes = 2048;
 
-// Prefetch the cache lines the stream will reach kPrefetchBytes after the bytes [from, to) just read.
-inline void prefetch_ahead(const char* from, const char* to) {
-  const uintptr_t end = reinterpret_cast<uintptr_t>(to) + kPrefetchBytes;
-  for (uintptr_t line = (reinterpret_cast<uintptr_t>(from) + kPrefetchBytes) & ~uintptr_t(63); line < end; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+// Prefetch the lines a stream of C values will reach kPrefetchBytes after `at`, as many as one
+// step can consume, without branches (a loop over the lines actually consumed mispredicts when
+// that count varies, as it does with bitmasks).
+template <int C>
+inline void prefetch_ahead(const char* at) {
+  constexpr int bytes = 64 * (C == kF32 ? 4 : C == kU8 ? 1 : C == kU4 ? 1 : 2) / (C == kU4 ? 2 : 1);
+  for (int line = 0; line < (bytes + 63) / 64; ++line) _mm_prefetch(at + kPrefetchBytes + 64 * line, _MM_HINT_T0);
 }
 
 inline int64_t popcount(uint64_t bits) { return _mm_popcnt_u64(bits); }
@@ -216,7 +218,7 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
   if (w.format == kNM24) {
     int64_t i = dense_start(w, p, r) / 2;
     for (int64_t k = 0; k < words; ++k, i += 32) {
-      prefetch_ahead(Values<C>::at(w.values, i), Values<C>::at(w.values, i + 32));
+      prefetch_ahead<C>(Values<C>::at(w.values, i));
       if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(w.positions + i / 16) + kPrefetchBytes / 4, _MM_HINT_T0);
       Gathered g;
       decode_nm24<C>(w, i, r, c0 + 64 * k, g);
@@ -242,7 +244,7 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
         decode_dense<C, true>(w, i, r, c0 + 64 * k, blk);
         i += 64;
       }
-      prefetch_ahead(Values<C>::at(w.values, first), Values<C>::at(w.values, i));
+      prefetch_ahead<C>(Values<C>::at(w.values, first));
       for (int t = 0; t < NB; ++t) {
         const float* xt = x + t * b.x_stride + 64 * k;
         acc[t][0] = _mm512_fmadd_ps(blk.w[0], _mm512_loadu_ps(xt), acc[t][0]);
@@ -324,8 +326,7 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
           i += 64;
         }
         // The next active row is not adjacent: fetch it alongside this one, at the same position.
-        prefetch_ahead(Values<C>::at(w.values, first + ahead) - kPrefetchBytes,
-                       Values<C>::at(w.values, i + ahead) - kPrefetchBytes);
+        prefetch_ahead<C>(Values<C>::at(w.values, first + ahead) - kPrefetchBytes);
         for (int64_t u = 0; u < used; ++u) {
           float* y = b.y + tokens[u] * b.y_stride + 64 * k;
           for (int q = 0; q < 4; ++q) _mm512_storeu_ps(y + 16 * q, _mm512_fmadd_ps(blk.w[q], scale[u], _mm512_loadu_ps(y + 16 * q)));
