@@ -144,6 +144,13 @@ def test_cli_activation_sparsity_generate_bench(llama_folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["sparsity"] == 0.25
     assert ActivationSparsity.read(out).sparsity == 0.25
 
+    assert main(["eval", "--model", str(out), "--seqlen", "64", "--windows", "2", "--json"]) == 0
+    with_thresholds = json.loads(capsys.readouterr().out)["perplexity"]
+    (out / "activation_sparsity.json").rename(tmp_path / "saved.json")
+    assert main(["eval", "--model", str(out), "--seqlen", "64", "--windows", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] != with_thresholds  # eval applies the thresholds
+    (tmp_path / "saved.json").rename(out / "activation_sparsity.json")
+
     assert main(["generate", str(out), "--prompt", "class A:", "--max-new-tokens", "5", "--kernels", "sparse"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("class A:") and "5 tokens in" in captured.err
