@@ -37,7 +37,7 @@ def test_pruned_model_on_kernels_matches_dense(tiny_folder, pattern):
         assert report.kernel_bytes < report.dense_bytes * 0.6
         torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-4, atol=1e-4)
         for layer in layers:
-            layer.dispatch, layer.crossover = "auto", 4  # prefill of 20 tokens takes the dense path
+            layer.dispatch, layer.crossover = "auto", {torch.float32: 4}  # prefill of 20 tokens: dense path
         torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(model(tokens[:, :3]).logits, expected[:, :3], rtol=1e-4, atol=1e-4)
 
@@ -48,10 +48,10 @@ def test_auto_measures_and_caches_the_crossover(llama_folder, tmp_path, monkeypa
     sparsellm.prune(model, tokenizer, method="magnitude", sparsity=0.6)
     use_kernels(model, "auto")
     layer = kernel_layers(model)[0]
-    assert layer.crossover is None
+    assert not layer.crossover
     with torch.no_grad():
         model(torch.randint(3, 300, (1, 5)))
-    assert all(isinstance(peer.crossover, int) for peer in layer.peers)
+    assert all(isinstance(peer.crossover[torch.float32], int) for peer in layer.peers)
     cache = json.loads((tmp_path / "kernels" / "crossover.json").read_text())
     assert any("bitmask" in key and f"{layer.out_features}x{layer.in_features}" in key for key in cache)
 

@@ -131,7 +131,7 @@ def test_dense_path_for_many_tokens(name):
         for form in ("bitmask", "2:4"):
             for threshold in (None, 0.4):
                 layer = SparseLinear.from_dense(weight, format=form, dtype=torch.float32, threshold=threshold)
-                layer.crossover = 8
+                layer.crossover = {torch.float32: 8, torch.bfloat16: 8}
                 for inputs, tolerance in ((x, 2e-5), (x.to(torch.bfloat16), 8e-3)):
                     kept = inputs.float() if threshold is None else inputs.float() * (inputs.float().abs() > 0.4)
                     check(run(layer, inputs), kept @ weight.t(), tolerance)

@@ -31,11 +31,12 @@ def _cache_file():
     return cache_dir() / "kernels" / "crossover.json"
 
 
-def key(layout: Layout, activation_sparsity: float | None) -> str:
+def key(layout: Layout, activation_sparsity: float | None, dtype: torch.dtype) -> str:
     active = "none" if activation_sparsity is None else f"{activation_sparsity:.1f}"
-    return "/".join([backend.current().name, str(torch.get_num_threads()), torch.__version__, layout.format,
+    return "/".join([backend.current().name, backend.build_key(), str(torch.get_num_threads()), layout.format,
                      layout.codec, "input-major" if layout.input_major else "row-major",
-                     f"{layout.out_features}x{layout.in_features}", f"activations-{active}"])
+                     f"{layout.out_features}x{layout.in_features}", f"activations-{active}",
+                     str(dtype).removeprefix("torch.")])
 
 
 def _median_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -48,11 +49,12 @@ def _median_seconds(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(layouts: list[Layout], activation_sparsity: float | None, repeats: int = 5) -> int:
+def measure(layouts: list[Layout], activation_sparsity: float | None, dtype: torch.dtype = torch.float32,
+            repeats: int = 5) -> int:
     """The largest batch at which the sparse kernel is faster than the dense path (0: never).
 
     ``layouts`` are the model's matrices of this key, run in turn so the weights are not all in
-    cache, as during decoding. Inputs have the given share of zeros (activation sparsity).
+    cache, as during decoding. Inputs are ``dtype``, with the given share of zeros (activation sparsity).
     """
     generator = torch.Generator().manual_seed(0)
     in_features = layouts[0].in_features
@@ -61,6 +63,7 @@ def measure(layouts: list[Layout], activation_sparsity: float | None, repeats: i
         x = torch.randn(batch, in_features, generator=generator)
         if activation_sparsity:
             x[torch.rand(x.shape, generator=generator) < activation_sparsity] = 0
+        x = x.to(dtype)
         turn = iter(range(1 << 62))
 
         def sparse(x=x, turn=turn):
@@ -77,9 +80,9 @@ def measure(layouts: list[Layout], activation_sparsity: float | None, repeats: i
     return best
 
 
-def crossover(layouts: list[Layout], activation_sparsity: float | None) -> int:
-    """The cached crossover for these layouts' key, measured on first use."""
-    name = key(layouts[0], activation_sparsity)
+def crossover(layouts: list[Layout], activation_sparsity: float | None, dtype: torch.dtype) -> int:
+    """The cached crossover for these layouts' key and the inputs' dtype, measured on first use."""
+    name = key(layouts[0], activation_sparsity, dtype)
     if name in _memory:
         return _memory[name]
     path = _cache_file()
@@ -89,7 +92,7 @@ def crossover(layouts: list[Layout], activation_sparsity: float | None) -> int:
             stored[name] = 0  # the fallback decodes anyway: one path
         else:
             started = time.perf_counter()
-            stored[name] = measure(layouts, activation_sparsity)
+            stored[name] = measure(layouts, activation_sparsity, dtype)
             logger.info("kernels=auto: sparse kernel up to %d tokens for %s (measured in %.1f s, cached)",
                         stored[name], layouts[0].describe(), time.perf_counter() - started)
         _save(path, stored)

@@ -30,7 +30,7 @@ class SparseLinear(nn.Module):
         self.threshold = threshold
         self.activation_sparsity = activation_sparsity  # the target the threshold was calibrated for
         self.dispatch = dispatch
-        self.crossover: int | None = None  # tokens up to which the sparse kernel runs ("auto")
+        self.crossover: dict[torch.dtype, int] = {}  # tokens up to which the sparse kernel runs ("auto")
         self.peers: list[SparseLinear] = [self]  # layers of the same key, measured together
 
     @classmethod
@@ -51,20 +51,22 @@ class SparseLinear(nn.Module):
         layout = build(weight, keep, format=format, quantization=quantization, input_major=input_major)
         return cls(layout, bias, threshold, dispatch)
 
-    def sparse_tokens(self) -> int:
-        """Up to how many tokens the sparse kernel runs."""
+    def sparse_tokens(self, dtype: torch.dtype) -> int:
+        """Up to how many tokens (of inputs in ``dtype``) the sparse kernel runs."""
         if self.dispatch == "sparse":
             return 1 << 62
-        if self.crossover is None:
+        measured = self.crossover.get(dtype)
+        if measured is None:
             layouts = [peer.layout for peer in self.peers]
-            measured = dispatch.crossover(layouts, self.activation_sparsity if self.threshold is not None else None)
+            active = self.activation_sparsity if self.threshold is not None else None
+            measured = dispatch.crossover(layouts, active, dtype)
             for peer in self.peers:
-                peer.crossover = measured
-        return self.crossover
+                peer.crossover[dtype] = measured
+        return measured
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
-        return backend.linear(self.layout, x, self.threshold, tokens <= self.sparse_tokens(), self.bias)
+        return backend.linear(self.layout, x, self.threshold, tokens <= self.sparse_tokens(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         parts = [self.layout.describe(), f"dispatch={self.dispatch}"]

@@ -321,6 +321,30 @@ void decode_avx2(const Weights& w, int64_t panel, int64_t row_begin, int64_t row
 
 void input_major_avx2(const Weights& w, const Batch& b, const Active& a) { by_codec<InputMajor>(w.codec, w, b, a); }
 
+// bfloat16 values decoded as bfloat16 (the dense path's GEMM input when it runs in bfloat16).
+void decode_bf16_avx2(const Weights& w, int64_t p, int64_t row_begin, int64_t row_end, uint16_t* out, int64_t ld) {
+  const int64_t c0 = p * w.panel, width = w.panel_width(p), words = width / 64;
+  const uint16_t* v = static_cast<const uint16_t*>(w.values);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    uint16_t* o = out + (r - row_begin) * ld;
+    if (w.format == kDense) {
+      const uint16_t* row = v + dense_start(w, p, r);
+      for (int64_t c = 0; c < width; c += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c)));
+      continue;
+    }
+    const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
+    int64_t i = w.format == kBitmask ? w.offsets[p * w.rows + r] : dense_start(w, p, r) / 2;
+    for (int64_t half = 0; half < 2 * words; ++half) {
+      const uint32_t bits = mask ? uint32_t(mask[half / 2] >> (32 * (half & 1))) : nm24_mask(w.positions[i / 16]);
+      for (int q = 0; q < 4; ++q) {
+        const unsigned m = (bits >> (8 * q)) & 0xffu;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32 * half + 8 * q), spread(kTables.spread16, m, load128(v + i)));
+        i += popcount(m);
+      }
+    }
+  }
+}
+
 }  // namespace sparsellm
 
 #if defined(__clang__)

@@ -365,6 +365,30 @@ void decode_avx512(const Weights& w, int64_t panel, int64_t row_begin, int64_t r
 
 void input_major_avx512(const Weights& w, const Batch& b, const Active& a) { by_codec<InputMajor>(w.codec, w, b, a); }
 
+// bfloat16 values decoded as bfloat16 (the dense path's GEMM input when it runs in bfloat16): the
+// expand alone, 32 values at a time, no widening.
+void decode_bf16_avx512(const Weights& w, int64_t p, int64_t row_begin, int64_t row_end, uint16_t* out, int64_t ld) {
+  const int64_t c0 = p * w.panel, width = w.panel_width(p), words = width / 64;
+  const uint16_t* v = static_cast<const uint16_t*>(w.values);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    uint16_t* o = out + (r - row_begin) * ld;
+    if (w.format == kDense) {
+      const uint16_t* row = v + dense_start(w, p, r);
+      for (int64_t c = 0; c < width; c += 32) _mm512_storeu_si512(o + c, _mm512_loadu_si512(row + c));
+      continue;
+    }
+    const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
+    int64_t i = w.format == kBitmask ? w.offsets[p * w.rows + r] : dense_start(w, p, r) / 2;
+    for (int64_t k = 0; k < words; ++k) {
+      const uint64_t bits = mask ? mask[k] : nm24_mask(w.positions[i / 16], w.positions[i / 16 + 1]);
+      _mm512_storeu_si512(o + 64 * k, _mm512_maskz_expandloadu_epi16(__mmask32(bits), v + i));
+      i += popcount(bits & 0xffffffffULL);
+      _mm512_storeu_si512(o + 64 * k + 32, _mm512_maskz_expandloadu_epi16(__mmask32(bits >> 32), v + i));
+      i += popcount(bits >> 32);
+    }
+  }
+}
+
 }  // namespace sparsellm
 
 #if defined(__clang__)

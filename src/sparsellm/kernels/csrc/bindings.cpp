@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -72,21 +73,36 @@ constexpr int64_t kMinWeightsPerThread = 1 << 16;
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(16, kMinWeightsPerThread / std::max<int64_t>(cols, 1)); }
 
-// x as fp32, (n, width) zero-padded; `threshold` >= 0 zeroes |x| <= threshold (activation sparsity).
-at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) <= width, "input must be (tokens, features)");
-  at::Tensor padded = at::zeros({x.size(0), width}, x.options().dtype(at::kFloat));
-  padded.narrow(1, 0, x.size(1)).copy_(x);
-  if (threshold >= 0) padded.mul_(padded.abs().gt(threshold));
-  return padded;
-}
+// Where column j of a block of 32 goes in the even/odd lane order of kernels.h.
+inline int64_t even_odd_index(int64_t j) { return (j & ~int64_t(31)) + ((j & 1) << 4) + ((j & 31) >> 1); }
 
-// Between natural order and the even/odd lane order of kernels.h (columns a multiple of 32).
-at::Tensor to_even_odd(const at::Tensor& t) {
-  return t.view({t.size(0), t.size(1) / 32, 16, 2}).transpose(2, 3).reshape({t.size(0), t.size(1)});
-}
-at::Tensor from_even_odd(const at::Tensor& t) {
-  return t.view({t.size(0), t.size(1) / 32, 2, 16}).transpose(2, 3).reshape({t.size(0), t.size(1)});
+template <typename T>
+inline float as_float(T v) { return static_cast<float>(v); }
+
+// x (n, features; float32, bfloat16 or float16) as float32 (n, width), zero-padded, with |x| <=
+// threshold zeroed when threshold >= 0 (activation sparsity) and, if asked, in even/odd lane
+// order. One pass in C++: this runs for every layer of every decoded token, where a chain of
+// small tensor operations would cost more than the product itself.
+at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold, bool even_odd = false) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= width, "input must be (tokens, features)");
+  const at::Tensor input = x.contiguous();
+  const int64_t n = input.size(0), features = input.size(1);
+  at::Tensor out = at::empty({n, width}, input.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float cut = float(threshold);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "prepare", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < n; ++t) {
+      float* row = o + t * width;
+      std::fill(row, row + width, 0.0f);
+      for (int64_t j = 0; j < features; ++j) {
+        const float v = as_float(in[t * features + j]);
+        const float kept = threshold >= 0 && !(std::fabs(v) > cut) ? 0.0f : v;
+        row[even_odd ? even_odd_index(j) : j] = kept;
+      }
+    }
+  });
+  return out;
 }
 
 bool use_avx512(int64_t isa) {
@@ -120,8 +136,7 @@ std::shared_ptr<Handle> make_handle(int64_t out_features, int64_t in_features, i
 
 // y = x W^T for a row-major layout (rows = output features): fp32, (n, rows).
 at::Tensor gemv(const at::Tensor& x, const Weights& w, int64_t isa, double threshold) {
-  at::Tensor xp = prepare(x, w.cols, threshold);
-  if (even_odd_lanes(isa, w)) xp = to_even_odd(xp);
+  const at::Tensor xp = prepare(x, w.cols, threshold, even_odd_lanes(isa, w));
   at::Tensor y = at::zeros({x.size(0), w.rows}, x.options().dtype(at::kFloat));
   const Batch b{xp.data_ptr<float>(), xp.size(0), w.cols, y.data_ptr<float>(), w.rows};
   auto run = [&](auto kernel) {
@@ -134,7 +149,7 @@ at::Tensor gemv(const at::Tensor& x, const Weights& w, int64_t isa, double thres
 // y = s(x) W^T with an input-major layout (rows = input features, cols = padded output features),
 // s zeroing |x| <= threshold; only the rows of surviving inputs are read. Threads split the inputs
 // (not the outputs), so each streams long contiguous runs, and their partial sums are added.
-at::Tensor input_major(const at::Tensor& x, const Weights& w, int64_t isa, double threshold) {
+at::Tensor input_major(const at::Tensor& x, const Weights& w, int64_t isa, double threshold, int64_t out_features) {
   const at::Tensor xp = prepare(x, w.rows, threshold);
   const int64_t n = xp.size(0);
   const float* xs = xp.data_ptr<float>();
@@ -156,38 +171,66 @@ at::Tensor input_major(const at::Tensor& x, const Weights& w, int64_t isa, doubl
     });
   };
   use_avx512(isa) ? run(input_major_avx512) : run(input_major_avx2);
-  at::Tensor y = threads == 1 ? partial[0] : partial.sum(0);
-  return even_odd_lanes(isa, w) ? from_even_odd(y) : y;
+  // Add the threads' partial sums, back in natural order, dropping the padded columns.
+  at::Tensor y = at::empty({n, out_features}, xp.options());
+  const float* parts = partial.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const bool even_odd = even_odd_lanes(isa, w);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < out_features; ++c) {
+      const int64_t from = t * w.cols + (even_odd ? even_odd_index(c) : c);
+      float sum = 0.0f;
+      for (int64_t part = 0; part < threads; ++part) sum += parts[part * n * w.cols + from];
+      out[t * out_features + c] = sum;
+    }
+  return y;
 }
 
-void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, int64_t row_end, float* out) {
+// Rows [row_begin, row_end) of panel p, dense, into `out` (float32, or bfloat16 for bfloat16 values).
+void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, int64_t row_end, at::Tensor& out) {
   const int64_t width = w.panel_width(p);
-  auto run = [&](auto kernel) {
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!bf16 || w.codec == kBF16, "only bfloat16 values decode to bfloat16");
+  auto run = [&](auto kernel, auto kernel_bf16) {
     at::parallel_for(row_begin, row_end, row_grain(width), [&](int64_t r0, int64_t r1) {
-      kernel(w, p, r0, r1, out + (r0 - row_begin) * width, width);
+      if (bf16)
+        kernel_bf16(w, p, r0, r1, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + (r0 - row_begin) * width, width);
+      else
+        kernel(w, p, r0, r1, out.data_ptr<float>() + (r0 - row_begin) * width, width);
     });
   };
-  use_avx512(isa) ? run(decode_avx512) : run(decode_avx2);
+  use_avx512(isa) ? run(decode_avx512, decode_bf16_avx512) : run(decode_avx2, decode_bf16_avx2);
 }
 
 // The dense path for many tokens (prefill): decode a block of rows at a time into a buffer that
 // stays in cache and multiply it with the BLAS GEMM. The matrix is never dense in memory as a
 // whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T. The GEMM runs in
 // bfloat16 only when inputs and weights are bfloat16 already: rounding other values would change them.
-at::Tensor dense(const at::Tensor& x, const Weights& w, int64_t isa, double threshold, int64_t block_bytes) {
+at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, int64_t block_bytes) {
+  const Weights& w = h.w;
   const auto dtype = x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
   at::Tensor xp = prepare(x, w.input_major ? w.rows : w.cols, threshold);
   if (dtype != at::kFloat) xp = xp.to(dtype);  // exact: bfloat16 inputs
   at::Tensor y = at::zeros({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
+  // Float values stored dense are a matrix already: multiply them where they lie (a panel at a time
+  // when they are in the GEMM's dtype, else a block of rows converted at a time).
+  const bool stored_dense = w.format == kDense && w.codec <= kF16;
+  const bool in_place = stored_dense && (w.codec == kBF16 ? dtype == at::kBFloat16 : w.codec == kF32 && dtype == at::kFloat);
   for (int64_t p = 0; p < w.panels(); ++p) {
     const int64_t panel_width = w.panel_width(p);
-    const int64_t block = std::max<int64_t>(16, block_bytes / (4 * panel_width));
-    at::Tensor buffer = at::empty({block, panel_width}, x.options().dtype(at::kFloat));
+    const int64_t block = in_place ? w.rows : std::max<int64_t>(16, block_bytes / (int64_t(at::elementSize(dtype)) * panel_width));
+    at::Tensor buffer = stored_dense ? at::Tensor() : at::empty({block, panel_width}, x.options().dtype(dtype));
     for (int64_t r0 = 0; r0 < w.rows; r0 += block) {
       const int64_t r1 = std::min(w.rows, r0 + block);
-      decode_rows(w, isa, p, r0, r1, buffer.data_ptr<float>());
-      at::Tensor tile = buffer.narrow(0, 0, r1 - r0);
-      if (dtype != at::kFloat) tile = tile.to(dtype);
+      at::Tensor tile;
+      if (stored_dense) {
+        tile = h.tensors[0].narrow(0, w.rows * p * w.panel + r0 * panel_width, (r1 - r0) * panel_width)
+                   .view({r1 - r0, panel_width});
+      } else {
+        decode_rows(w, isa, p, r0, r1, buffer);
+        tile = buffer.narrow(0, 0, r1 - r0);
+      }
+      if (tile.scalar_type() != dtype) tile = tile.to(dtype);
       if (w.input_major)
         y.narrow(1, p * w.panel, panel_width).addmm_(xp.narrow(1, r0, r1 - r0), tile);
       else
@@ -205,14 +248,14 @@ at::Tensor linear(const at::Tensor& x, const Handle& h, int64_t isa, double thre
               h.in_features);
   const at::Tensor flat = x.reshape({-1, h.in_features});
   const Weights& w = h.w;
-  at::Tensor y = !sparse ? dense(flat, w, isa, threshold, block_bytes)
-               : w.input_major ? input_major(flat, w, isa, threshold)
+  at::Tensor y = !sparse ? dense(flat, h, isa, threshold, block_bytes)
+               : w.input_major ? input_major(flat, w, isa, threshold, h.out_features)
                                : gemv(flat, w, isa, threshold);
-  y = y.narrow(1, 0, h.out_features);
+  if (y.size(1) != h.out_features) y = y.narrow(1, 0, h.out_features);
   if (bias.has_value()) y = y + *bias;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = h.out_features;
-  return y.to(x.scalar_type()).reshape(shape);
+  return (y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type())).reshape(shape);
 }
 
 // Rows [row_begin, row_end) of one panel as a dense fp32 matrix (rows x panel width).
@@ -221,7 +264,7 @@ at::Tensor decode(const Handle& h, int64_t panel_index, int64_t row_begin, int64
   TORCH_CHECK(0 <= panel_index && panel_index < w.panels() && 0 <= row_begin && row_begin <= row_end && row_end <= w.rows,
               "panel or rows out of range");
   at::Tensor out = at::empty({row_end - row_begin, w.panel_width(panel_index)}, at::TensorOptions().dtype(at::kFloat));
-  decode_rows(w, isa, panel_index, row_begin, row_end, out.data_ptr<float>());
+  decode_rows(w, isa, panel_index, row_begin, row_end, out);
   return out;
 }
 

@@ -68,7 +68,9 @@ inline bool even_odd_lanes(int64_t isa, const Weights& w) {
   void gemv_##isa(const Weights& w, const Batch& b, int64_t row_begin, int64_t row_end);             \
   void decode_##isa(const Weights& w, int64_t panel, int64_t row_begin, int64_t row_end, float* out,  \
                     int64_t ld);                                                                      \
-  void input_major_##isa(const Weights& w, const Batch& b, const Active& active);
+  void input_major_##isa(const Weights& w, const Batch& b, const Active& active);                  \
+  void decode_bf16_##isa(const Weights& w, int64_t panel, int64_t row_begin, int64_t row_end,         \
+                         uint16_t* out, int64_t ld);
 
 SPARSELLM_ISA_API(avx512)
 SPARSELLM_ISA_API(avx2)
