@@ -63,7 +63,7 @@ def test_greedy_generation_equal(llama_folder, tmp_path):
     prompt = tokenizer("def main():", return_tensors="pt").input_ids
     outputs = {}
     for kernels in ("dense", "sparse", "auto"):
-        loaded, _ = load(folder, kernels)
+        loaded = load(folder, kernels=kernels)
         assert bool(kernel_layers(loaded)) == (kernels != "dense")
         with torch.no_grad():
             outputs[kernels] = loaded.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False,
@@ -110,8 +110,8 @@ def test_activation_sparsity_on_kernels_matches_hooks(llama_folder, tmp_path):
     tokens = torch.randint(3, 300, (1, 12))
     with torch.no_grad():
         plain = model(tokens).logits
-        hooked = load(folder, "dense")[0](tokens).logits
-        sparse = load(folder, "sparse")[0]
+        hooked = load(folder, kernels="dense")(tokens).logits
+        sparse = load(folder, kernels="sparse")
         assert all(layer.layout.input_major and layer.threshold is not None for layer in kernel_layers(sparse))
         torch.testing.assert_close(sparse(tokens).logits, hooked, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain, hooked, atol=1e-3)  # the thresholds do change the function
@@ -163,3 +163,32 @@ def test_cli_activation_sparsity_generate_bench(llama_folder, tmp_path, capsys):
 
     assert main(["sparsify-activations", str(tmp_path / "missing"), "--sparsity", "0.5"]) == 2
     assert "not a model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("pattern", "scheme"), [
+    ("unstructured", None), ("2:4", None), ("unstructured", sparsellm.QuantScheme(4, 64, symmetric=False)),
+    ("2:4", sparsellm.QuantScheme(8, 0)), ("2:4", sparsellm.QuantScheme(4, 32)),  # 32: groups the kernels dequantize
+])
+def test_compact_folder_runs_packed_layers(llama_folder, tmp_path, pattern, scheme):
+    """A compact checkpoint's packed layers become kernel layouts directly, integer codes included."""
+    model, tokenizer = load_model(llama_folder)
+    sparsellm.prune(model, tokenizer, method="sparsegpt", sparsity=0.5 if pattern == "unstructured" else None,
+                    pattern=pattern, nsamples=4, seqlen=64, quantization=scheme)
+    # codes keep their exact float32 dequantized values (a bfloat16 save would round the dense rebuild)
+    folder = sparsellm.save(model, tokenizer, tmp_path / "compact", dtype="bfloat16" if scheme is None else None)
+    tokens = torch.randint(3, 300, (1, 9))
+    with torch.no_grad():
+        dense = sparsellm.load(folder, kernels="dense")
+        expected = dense(tokens).logits
+        sparse = sparsellm.load(folder, kernels="sparse")
+        layers = kernel_layers(sparse)
+        assert len(layers) == 3 * 7
+        codecs = {layer.layout.codec for layer in layers}
+        if scheme is None:
+            assert codecs == {"bfloat16"}
+        elif scheme.group_size == 32:
+            assert codecs == {"float32"}  # the dequantized values, as saved
+        else:
+            assert codecs == {"uint4" if scheme.bits == 4 else "uint8"}
+        assert {layer.layout.format for layer in layers} == {"bitmask" if pattern == "unstructured" else "2:4"}
+        torch.testing.assert_close(sparse(tokens).logits, expected, rtol=1e-4, atol=1e-4)

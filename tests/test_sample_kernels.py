@@ -17,7 +17,7 @@ def test_greedy_generation_on_kernels_equals_dense(sample_folder, tmp_path):
     prompt = tokenizer("The Python interpreter reads", return_tensors="pt").input_ids
     outputs = {}
     for kernels in ("dense", "sparse"):
-        loaded, _ = load(folder, kernels)
+        loaded = load(folder, kernels=kernels)
         layers = [m for m in loaded.modules() if isinstance(m, SparseLinear)]
         assert len(layers) == (30 * 7 if kernels == "sparse" else 0)
         with torch.no_grad():

@@ -72,11 +72,39 @@ def read_metadata(folder: str | os.PathLike) -> dict | None:
         return json.load(handle)
 
 
+FORMATS = ("compact", "dense")
+
+
 def save(model, tokenizer, output: str | os.PathLike, metadata: dict | None = None,
-         overwrite: bool = False) -> Path:
-    """Save an HF folder (safetensors, config, tokenizer) plus sparsity.json, atomically."""
+         overwrite: bool = False, format: str = "compact", dtype=None) -> Path:
+    """Save an HF folder (safetensors, config, tokenizer) plus sparsity.json, atomically.
+
+    ``format="compact"`` packs the pruned (and quantized) layers so the size follows the sparsity
+    (see ``sparsellm.format``; load it with ``sparsellm.load``); ``"dense"`` writes every weight as
+    is, for plain ``from_pretrained``. ``dtype`` (e.g. "bfloat16") converts the saved floats.
+    """
+    from .models import parse_dtype
+
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if format == "compact":
+        from .format import compact
+
+        return compact.save(model, tokenizer, output, metadata, overwrite, dtype)
+    if format != "dense":
+        raise SparseLLMError(f"unknown format '{format}': use {' or '.join(FORMATS)}")
     with atomic_folder(output, overwrite) as staging:
-        model.save_pretrained(staging, max_shard_size="2GB")  # offloaded models are gathered shard by shard
+        if dtype is None:
+            model.save_pretrained(staging, max_shard_size="2GB")  # offloaded models are gathered shard by shard
+        else:
+            from .format.layout import cast
+            from .offload import state_tensors
+
+            tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # written once, by their source
+            converted = {name: cast(name, tensor, dtype) for name, tensor in state_tensors(model) if name not in tied}
+            model.save_pretrained(staging, max_shard_size="2GB", state_dict=converted)
+            config = json.loads((staging / "config.json").read_text())
+            (staging / "config.json").write_text(json.dumps(config | {"dtype": str(dtype).removeprefix("torch.")},
+                                                            indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if metadata is not None:

@@ -107,7 +107,7 @@ def compare(folder: str | os.PathLike, *, kernels: str = "auto", dtype: torch.dt
     go to ``measure``.
     """
     variants = {name: load_model(folder, dtype=value)[0] for name, value in DENSE.items()}
-    variants["sparsellm"] = load_kernels(folder, kernels, dtype=dtype, weight_dtype=torch.bfloat16)[0]
+    variants["sparsellm"] = load_kernels(folder, dtype, kernels, weight_dtype=torch.bfloat16)
     return measure(variants, kernels=kernels, **options)
 
 
@@ -119,7 +119,7 @@ def layer_table(folder: str | os.PathLike, *, kernels: str = "sparse", repeats: 
     when decoding, not from cache.
     """
     dense = load_model(folder, dtype=torch.float32)[0]
-    sparse = load_kernels(folder, kernels, dtype=torch.float32, weight_dtype=torch.bfloat16)[0]
+    sparse = load_kernels(folder, torch.float32, kernels, weight_dtype=torch.bfloat16)
     _, dense_blocks = decoder_blocks(dense)
     _, sparse_blocks = decoder_blocks(sparse)
     names = [name.split(".", 1)[1] for name in linear_layers(dense_blocks[0], "0")]

@@ -28,12 +28,13 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
+    from transformers import AutoTokenizer, TextStreamer
 
     if args.max_new_tokens < 1:
         raise SparseLLMError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     dtype = parse_dtype(args.dtype)
-    model, tokenizer = load(args.folder, args.kernels, dtype=dtype, weight_dtype=dtype)
+    model = load(args.folder, dtype, args.kernels)
+    tokenizer = AutoTokenizer.from_pretrained(args.folder)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SparseLLMError(f"the tokenizer of {args.folder} has no chat template; drop --chat")

@@ -1,4 +1,4 @@
-"""sparsellm prune: load, prune layer by layer, save an HF folder with sparsity.json."""
+"""sparsellm prune: load, prune (and quantize) layer by layer, save a compact or dense folder with sparsity.json."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 from .. import checkpoint, evaluation, models
 from ..weights import METHODS, oneshot
-from .common import add_eval, add_model, add_runtime, emit
+from .common import add_eval, add_model, add_quantization, add_runtime, emit, quantization
 from .sparsify_activations import add_arguments as add_activation_arguments
 from .sparsify_activations import calibrate as calibrate_activations
 
@@ -14,7 +14,7 @@ from .sparsify_activations import calibrate as calibrate_activations
 def add_parser(commands) -> None:
     parser = commands.add_parser("prune", help="prune a model one-shot (magnitude, Wanda, SparseGPT)",
                                  description="Prune every linear layer of the decoder blocks, one block at a time.")
-    add_model(parser)
+    add_model(parser, dtype_flag="--compute-dtype")
     parser.add_argument("--method", default="sparsegpt", choices=sorted(METHODS))
     parser.add_argument("--sparsity", type=float, default=None,
                         help="fraction of weights to prune per layer, in [0, 1) (implied by an N:M pattern)")
@@ -32,7 +32,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
     parser.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, share of mean diag(H)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    add_quantization(parser)
     parser.add_argument("--output", required=True, help="folder for the pruned model")
+    parser.add_argument("--format", default="compact", choices=checkpoint.FORMATS,
+                        help="compact: packed sparse layers, size follows sparsity (default); dense: zeros stored, "
+                             "loads with plain from_pretrained")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="dtype of the saved weights (default: as computed, --compute-dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--eval", action="store_true", help="measure perplexity before and after pruning")
     add_activation_arguments(parser, flag="--activation-sparsity")
@@ -51,7 +57,7 @@ def method_options(args: argparse.Namespace) -> dict:
 
 def load(args: argparse.Namespace):
     max_memory = {"cpu": args.max_memory} if args.max_memory else None
-    return models.load_model(args.model, dtype=args.dtype, offload_folder=args.offload_folder,
+    return models.load_model(args.model, dtype=args.load_dtype, offload_folder=args.offload_folder,
                              max_memory=max_memory)
 
 
@@ -64,15 +70,18 @@ def run(args: argparse.Namespace) -> int:
     report = oneshot.prune(
         model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern, calib=args.calib,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, sampling=args.sampling, ignore=args.ignore,
-        device=args.device, batch_size=args.batch_size, **method_options(args),
+        device=args.device, batch_size=args.batch_size, quantization=quantization(args), **method_options(args),
     )
     after = evaluation.perplexity(model, tokenizer, **eval_kwargs) if args.eval else None
     metadata = {"model": str(args.model)} | report.to_dict()
     if args.eval:
         metadata["evaluation"] = {"dense": before.to_dict(), "pruned": after.to_dict()}
-    checkpoint.save(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
-    lines = [f"pruned {len(report.layers)} layers with {report.method} {report.pattern}: "
-             f"sparsity {report.achieved_sparsity:.4f} in {report.seconds:.1f} s -> {args.output}"]
+    checkpoint.save(model, tokenizer, args.output, metadata, overwrite=args.overwrite, format=args.format,
+                    dtype=args.dtype)
+    scheme = quantization(args)
+    lines = [f"pruned {len(report.layers)} layers with {report.method} {report.pattern}"
+             + (f" + {scheme.describe()}" if scheme else "")
+             + f": sparsity {report.achieved_sparsity:.4f} in {report.seconds:.1f} s -> {args.output} ({args.format})"]
     if args.eval:
         lines.append(f"perplexity: dense {before.perplexity:.3f} -> pruned {after.perplexity:.3f} "
                      f"({after.tokens} tokens of {after.data['name']}/{after.data['split']}, "

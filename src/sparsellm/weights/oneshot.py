@@ -3,6 +3,10 @@
 Block by block (see ``engine``): gather the statistics the method needs for all linear layers of
 the block in one pass over the calibration windows, prune each layer, then re-run the pruned block
 so the next block calibrates on what the pruned model really produces.
+
+With a ``QuantScheme`` the kept weights are also quantized: inside SparseGPT's sweep (joint mode),
+or by a masked GPTQ pass right after methods that cannot. Each quantized layer remembers its grid
+(``quant.attach_grid``) so a compact save stores integer codes.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from ..data import Text, check_context, load_text, token_windows
 from ..errors import SparseLLMError
 from ..logging_utils import logger
 from ..models import in_features, set_weight_matrix, weight_matrix
-from .base import InputStatistics, get_method
+from .base import HESSIAN, InputStatistics, get_method
+from .gptq import quantize_masked
 from .masks import Pattern, check_sparsity
+from .quant import LayerQuantizer, QuantScheme, attach_grid
 
 
 @dataclass
@@ -46,6 +52,7 @@ class PruneReport:
     layers: list[LayerResult] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    quantization: dict | None = None  # QuantScheme fields and how it was applied (joint / gptq)
 
     @property
     def achieved_sparsity(self) -> float:
@@ -106,14 +113,16 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
           pattern: str | Pattern = "unstructured", calib: str | Text = "builtin", nsamples: int = 64,
           seqlen: int = 512, seed: int = 0, sampling: str = "consecutive", ignore: Sequence[str] = (),
           layer_sparsity: Mapping[str, float] | None = None, device: str | None = None,
-          batch_size: int = 8, **method_options) -> PruneReport:
+          batch_size: int = 8, quantization: QuantScheme | None = None, **method_options) -> PruneReport:
     """Prune every linear layer inside the decoder blocks of ``model``, in place.
 
     ``pattern`` is ``"unstructured"`` or ``"N:M"`` (N kept of every M inputs; it implies the
     sparsity, so ``sparsity`` may be None). ``ignore`` holds regexes of layer names left dense;
     ``layer_sparsity`` maps layer names to their own sparsity. Methods that need calibration data
     (Wanda, SparseGPT) read ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
-    Embeddings and the LM head are never pruned.
+    Embeddings and the LM head are never pruned. ``quantization`` also quantizes the kept weights of
+    every pruned layer (jointly inside SparseGPT, else GPTQ on the pruned weights; both need
+    calibration data).
     """
     started = time.perf_counter()
     pattern = Pattern.parse(pattern)
@@ -125,14 +134,18 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
         raise SparseLLMError("give a sparsity (or an N:M pattern)")
     sparsity = check_sparsity(sparsity)
     algorithm = get_method(method, **method_options)
+    needs = algorithm.needs | ({HESSIAN} if quantization is not None else set())
     windows, calibration = None, None
-    if algorithm.needs:
+    if needs:
         if tokenizer is None:
             raise SparseLLMError(f"method {method} needs calibration data, so a tokenizer")
         windows, calibration = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed, sampling)
         logger.info("calibrating on %d windows of %d tokens from %s/%s (sha256 %s)", nsamples, seqlen,
                     calibration["name"], calibration["split"], calibration["sha256_16"])
     report = PruneReport(method, {"name": method} | asdict(algorithm), str(pattern), sparsity, calibration)
+    joint = quantization is not None and algorithm.joint_quantization
+    if quantization is not None:
+        report.quantization = quantization.to_dict() | {"applied": "joint" if joint else "gptq"}
 
     for step in engine.walk(model, windows, batch_size=batch_size, device=device, desc=f"{method} {pattern}"):
         layers = step.layers
@@ -141,18 +154,26 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
             pattern.check_width(in_features(layers[name]), name)
         stats = {}
         if windows is not None and targets:
-            stats = step.collect(lambda name, module: InputStatistics(in_features(module), algorithm.needs),
+            stats = step.collect(lambda name, module: InputStatistics(in_features(module), needs),
                                  {name: layers[name] for name in targets})
         solve_started = time.perf_counter()
         results = {}
         for group in _shared_input_groups(list(targets), stats):
             group_started = time.perf_counter()
             dense = [weight_matrix(layers[name]) for name in group]
-            pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]),
-                                           [targets[name] for name in group], pattern)
+            sparsities = [targets[name] for name in group]
+            quantizers = [LayerQuantizer(quantization, *w.shape, w.device) for w in dense] if quantization else None
+            if joint:
+                pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]), sparsities, pattern,
+                                               quantizers=quantizers)
+            else:
+                pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]), sparsities, pattern)
+                if quantizers is not None:
+                    pruned = quantize_masked(pruned, stats[group[0]], quantizers)
             seconds = (time.perf_counter() - group_started) / len(group)
-            for name, before, after in zip(group, dense, pruned, strict=True):
+            for index, (name, before, after) in enumerate(zip(group, dense, pruned, strict=True)):
                 set_weight_matrix(layers[name], after)
+                attach_grid(layers[name], quantizers[index].grid() if quantizers else None)
                 probe = stats[name].probe if name in stats else None
                 results[name] = LayerResult(name, tuple(before.shape), targets[name], str(pattern),
                                             (after == 0).float().mean().item(),
