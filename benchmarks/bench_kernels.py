@@ -56,13 +56,13 @@ def tensor_ring(weight: torch.Tensor) -> list[torch.Tensor]:
     return [weight.clone() for _ in range(count)]
 
 
-def variants(shape, batch: int, generator, dispatch: str):
-    """name -> (one call per ring element, the ring, bytes of one element, whether x has 50 % zeros)."""
+def variants(shape, generator, dispatch: str, inputs: torch.dtype):
+    """name -> (one call per ring element, the ring, whether x has 50 % zeros, the dtype x is given in)."""
     half = pruned_weight(shape, 0.5, "unstructured", generator)
     dense = torch.randn(shape, generator=generator)
     table = {}
-    table["torch fp32"] = (lambda w, x: F.linear(x, w), tensor_ring(dense), False)
-    table["torch bf16"] = (lambda w, x: F.linear(x.to(torch.bfloat16), w), tensor_ring(dense.to(torch.bfloat16)), False)
+    table["torch fp32"] = (lambda w, x: F.linear(x, w), tensor_ring(dense), False, torch.float32)
+    table["torch bf16"] = (lambda w, x: F.linear(x, w), tensor_ring(dense.to(torch.bfloat16)), False, torch.bfloat16)
 
     def layer(weight, form, threshold=None, keep_dispatch=True):
         built = SparseLinear.from_dense(weight.to(torch.bfloat16), format=form, dtype=None, threshold=threshold,
@@ -70,12 +70,12 @@ def variants(shape, batch: int, generator, dispatch: str):
         return ring_of(built)
 
     run = lambda layer, x: layer(x)  # noqa: E731
-    table["sparsellm dense bf16"] = (run, layer(dense, "dense", keep_dispatch=False), False)
-    table["bitmask 50%"] = (run, layer(half, "bitmask"), False)
-    table["bitmask 70%"] = (run, layer(pruned_weight(shape, 0.7, "unstructured", generator), "bitmask"), False)
-    table["2:4"] = (run, layer(pruned_weight(shape, 0.5, "2:4", generator), "2:4"), False)
-    table["activations 50%"] = (run, layer(dense, "dense", threshold=0.0), True)
-    table["bitmask 50% + act. 50%"] = (run, layer(half, "bitmask", threshold=0.0), True)
+    table["sparsellm dense bf16"] = (run, layer(dense, "dense", keep_dispatch=False), False, inputs)
+    table["bitmask 50%"] = (run, layer(half, "bitmask"), False, inputs)
+    table["bitmask 70%"] = (run, layer(pruned_weight(shape, 0.7, "unstructured", generator), "bitmask"), False, inputs)
+    table["2:4"] = (run, layer(pruned_weight(shape, 0.5, "2:4", generator), "2:4"), False, inputs)
+    table["activations 50%"] = (run, layer(dense, "dense", threshold=0.0), True, inputs)
+    table["bitmask 50% + act. 50%"] = (run, layer(half, "bitmask", threshold=0.0), True, inputs)
     return table
 
 
@@ -83,25 +83,26 @@ def nbytes(item) -> int:
     return item.numel() * item.element_size() if isinstance(item, torch.Tensor) else item.layout.nbytes
 
 
-def measure(shape, batch: int, repeats: int, generator, dispatch: str) -> list[dict]:
-    table = variants(shape, batch, generator, dispatch)
+def measure(shape, batch: int, repeats: int, generator, dispatch: str, inputs: torch.dtype) -> list[dict]:
+    table = variants(shape, generator, dispatch, inputs)
     x = torch.randn(batch, shape[1], generator=generator)
     sparse_x = x * (torch.rand(x.shape, generator=generator) >= 0.5)
+    given = {(zeros, dtype): (sparse_x if zeros else x).to(dtype) for zeros in (False, True)
+             for dtype in (torch.float32, torch.bfloat16)}
     timings: dict[str, list[float]] = {name: [] for name in table}
     with torch.no_grad():
-        for call, ring, zeros in table.values():  # warm up (and measure auto's crossover)
-            call(ring[0], sparse_x if zeros else x)
+        for call, ring, zeros, dtype in table.values():  # warm up (and measure auto's crossover)
+            call(ring[0], given[zeros, dtype])
         for _ in range(repeats):
-            for name, (call, ring, zeros) in table.items():
-                inputs = sparse_x if zeros else x
+            for name, (call, ring, zeros, dtype) in table.items():
                 started = time.perf_counter()
                 for item in ring:
-                    call(item, inputs)
+                    call(item, given[zeros, dtype])
                 timings[name].append((time.perf_counter() - started) / len(ring))
     medians = {name: statistics.median(values) for name, values in timings.items()}
     baseline = min(medians["torch fp32"], medians["torch bf16"])
     rows = []
-    for name, (_, ring, zeros) in table.items():
+    for name, (_, ring, zeros, _) in table.items():
         seconds = medians[name]
         read = nbytes(ring[0]) * (0.5 if zeros and batch == 1 else 1.0)  # rows of zero inputs are skipped
         rows.append({"shape": f"{shape[0]}x{shape[1]}", "batch": batch, "variant": name, "ms": seconds * 1e3,
@@ -119,6 +120,8 @@ def main() -> int:
     parser.add_argument("--dispatch", default="auto", choices=["auto", "sparse"],
                         help="auto: past the measured crossover the layers use the dense GEMM path")
     parser.add_argument("--shape", action="append", help="OUTxIN (repeatable; default the three Llama-7B shapes)")
+    parser.add_argument("--inputs", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype of the inputs given to sparsellm's layers (torch bf16 always gets bfloat16)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,12 +130,13 @@ def main() -> int:
     rows = []
     with use_backend(args.backend) as chosen:
         print(f"backend {chosen.name} ({chosen.reason}), {args.threads} threads, torch {torch.__version__}, "
-              f"ring >= {RING_BYTES >> 20} MiB per variant, medians of {args.repeats} interleaved rounds", flush=True)
+              f"ring >= {RING_BYTES >> 20} MiB per variant, medians of {args.repeats} interleaved rounds, "
+              f"sparsellm inputs {args.inputs}, dispatch {args.dispatch}", flush=True)
         for batch in args.batch or [1]:
             print("\n| shape | batch | variant | bytes/weight | ms | vs torch | vs own dense bf16 | GB/s |")
             print("|---|---|---|---|---|---|---|---|")
             for shape in shapes:
-                for row in measure(shape, batch, args.repeats, generator, args.dispatch):
+                for row in measure(shape, batch, args.repeats, generator, args.dispatch, getattr(torch, args.inputs)):
                     rows.append(row | {"backend": chosen.name, "threads": args.threads})
                     print(f"| {row['shape']} | {batch} | {row['variant']} | {row['bytes_per_weight']:.3f} | "
                           f"{row['ms']:.3f} | {row['vs_torch']:.2f} | {row['vs_own_dense']:.2f} | "
