@@ -34,7 +34,7 @@ def state(model):
 def test_quantized_24_reloads_exactly_and_resaves_identically(pruned, tmp_path):
     model, tokenizer, folder = pruned
     tokens = torch.randint(3, 300, (2, 20))
-    reloaded = sparsellm.load(folder)
+    reloaded = sparsellm.load(folder, kernels="dense")
     assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
@@ -80,7 +80,7 @@ def test_unstructured_compact_matches_dense_save_in_bfloat16_and_shards(llama_fo
                           max_shard_bytes=20_000)
     assert len(list(packed.glob("model-*-of-*.safetensors"))) > 2 and (packed / compact.INDEX_FILE).exists()
     from_dense, _ = load_model(dense, dtype="bfloat16")
-    from_packed = sparsellm.load(packed, dtype="bfloat16")
+    from_packed = sparsellm.load(packed, dtype="bfloat16", kernels="dense")
     for name, tensor in from_dense.state_dict().items():
         assert torch.equal(from_packed.state_dict()[name], tensor), name
     layers = json.loads((packed / MANIFEST_FILE).read_text())["layers"]
@@ -104,7 +104,7 @@ def test_compress_cli_packs_a_dense_folder(llama_folder, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "sparse-bitmask" in table and "of dense" in table and "16" in table
     assert main(["compress", str(out), "--output", str(tmp_path / "q8"), "--bits", "8", "--group-size", "0"]) == 0
-    quantized = sparsellm.load(tmp_path / "q8")
+    quantized = sparsellm.load(tmp_path / "q8", kernels="dense")
     for name, module in linear_layers(decoder_blocks(quantized)[1][0], "model.layers.0").items():
         before = weight_matrix(original.get_submodule(name))
         after = weight_matrix(module)
@@ -156,7 +156,7 @@ def rewrite(folder, change):
 
 def expect_error(folder, message, capsys):
     with pytest.raises(SparseLLMError, match=message):
-        sparsellm.load(folder)
+        sparsellm.load(folder, kernels="dense")
     capsys.readouterr()
     assert main(["-q", "eval", "--model", str(folder), "--seqlen", "32", "--windows", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -237,6 +237,6 @@ def test_tied_embeddings_are_written_once(tmp_path):
     for format in ("compact", "dense"):
         folder = sparsellm.save(model, make_tokenizer(), tmp_path / format, format=format, dtype="bfloat16")
         assert "lm_head.weight" not in load_file(folder / "model.safetensors")
-        reloaded = sparsellm.load(folder)
+        reloaded = sparsellm.load(folder, kernels="dense")
         assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
         assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16).float())

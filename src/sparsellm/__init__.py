@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .checkpoint import save
 from .evaluation import perplexity
-from .format import compress, load
+from .format import compress
+from .kernels.model import load
 from .models import load_model
 from .weights.oneshot import prune
 from .weights.quant import QuantScheme

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .. import evaluation
+from ..activations import ActivationSparsity
+from ..logging_utils import logger
 from .common import add_eval, add_model, add_runtime, emit
 from .prune import load
 
@@ -19,6 +22,11 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
+    activations = ActivationSparsity.read(args.model) if Path(args.model).is_dir() else None
+    if activations is not None:  # evaluate the model as it runs
+        activations.attach(model)
+        logger.info("applying the folder's activation sparsity (%.0f %% of each layer's inputs zeroed)",
+                    100 * activations.sparsity)
     result = evaluation.perplexity(model, tokenizer, data=args.data, seqlen=args.seqlen,
                                  max_windows=args.windows or None, batch_size=args.batch_size)
     emit(args, result.to_dict(), [

@@ -7,6 +7,8 @@ import argparse
 from .. import checkpoint, evaluation, models
 from ..weights import METHODS, oneshot
 from .common import add_eval, add_model, add_quantization, add_runtime, emit, quantization
+from .sparsify_activations import add_arguments as add_activation_arguments
+from .sparsify_activations import calibrate as calibrate_activations
 
 
 def add_parser(commands) -> None:
@@ -39,6 +41,7 @@ def add_parser(commands) -> None:
                         help="dtype of the saved weights (default: as computed, --compute-dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--eval", action="store_true", help="measure perplexity before and after pruning")
+    add_activation_arguments(parser, flag="--activation-sparsity")
     add_eval(parser, prefix="eval-")
     add_runtime(parser)
     parser.set_defaults(run=run)
@@ -83,5 +86,16 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"perplexity: dense {before.perplexity:.3f} -> pruned {after.perplexity:.3f} "
                      f"({after.tokens} tokens of {after.data['name']}/{after.data['split']}, "
                      f"{'BOS first' if after.bos_prepended else 'no BOS'})")
+    if args.activation_sparsity is not None:
+        activations, activation_lines = calibrate_activations(args, model, tokenizer, args.calib, args.seqlen)
+        activations.write(args.output)
+        lines += activation_lines
+        metadata["activation_sparsity"] = activations.to_dict()
+        if args.eval:
+            activations.attach(model)
+            sparse = evaluation.perplexity(model, tokenizer, **eval_kwargs)
+            activations.detach()
+            metadata["activation_sparsity"]["perplexity"] = sparse.to_dict()
+            lines.append(f"perplexity with {activations.sparsity:.0%} activation sparsity: {sparse.perplexity:.3f}")
     emit(args, metadata, lines)
     return 0

@@ -17,7 +17,7 @@ import copy
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -305,8 +305,13 @@ def _place(name: str, target: torch.Tensor | None, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A transformers model from a compact folder, every weight rebuilt bit for bit, in ``dtype``."""
+def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+         replace: Callable[[EncodedLayer, nn.Module], nn.Module | None] | None = None) -> nn.Module:
+    """A transformers model from a compact folder, every weight rebuilt bit for bit, in ``dtype``.
+
+    ``replace(layer, module)`` may return a module to install instead of decompressing a packed
+    layer into ``module`` (sparse kernels run the packed form); the module's bias is loaded by then.
+    """
     folder = Path(folder)
     with CompactFolder(folder) as compact:
         model = _model_skeleton(folder, dtype)
@@ -318,6 +323,12 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Mo
             loaded.add(name)
         for name in progress(compact.layers, desc="decompress", unit="layer"):
             layer = compact.layer(name)
+            replacement = replace(layer, model.get_submodule(name)) if replace is not None else None
+            if replacement is not None:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, replacement)
+                loaded.add(f"{name}.weight")
+                continue
             _place(f"{name}.weight", state.get(f"{name}.weight"), layer.unpack())
             loaded.add(f"{name}.weight")
             if layer.scheme is not None:

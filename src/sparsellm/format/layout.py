@@ -124,6 +124,14 @@ class EncodedLayer:
                 raise SparseLLMError(f"{self.name}.compressed: holds {values.numel()} {values.dtype} values, "
                                      f"expected {self.stored} {self.dtype}")
             return values.reshape(-1)
+        codes = self.stored_codes()
+        if mask is None and self.layout == BITMASK:
+            mask = self.stored_mask()
+        scale, zero, view = stored_grid(self.grid(), self.layout, self.pattern, self.shape, mask)
+        return dequantize(codes.view(view), scale, zero).to(self.dtype).reshape(-1)
+
+    def stored_codes(self) -> torch.Tensor:
+        """The integer codes of a quantized layer (uint8), row-major over the stored positions."""
         rows = self.shape[0]
         packed = self.tensors["compressed"]
         per_row = self.layout in (DENSE, NM)
@@ -132,13 +140,8 @@ class EncodedLayer:
         if tuple(packed.shape) != expected or packed.dtype != torch.uint8:
             raise SparseLLMError(f"{self.name}.compressed: shape {tuple(packed.shape)}, expected {expected} uint8")
         if per_row:
-            codes = unpack_codes(packed, self.scheme.bits, self.stored // max(rows, 1)).reshape(-1)
-        else:
-            codes = unpack_codes(packed, self.scheme.bits, self.stored)
-        if mask is None and self.layout == BITMASK:
-            mask = self.stored_mask()
-        scale, zero, view = stored_grid(self.grid(), self.layout, self.pattern, self.shape, mask)
-        return dequantize(codes.view(view), scale, zero).to(self.dtype).reshape(-1)
+            return unpack_codes(packed, self.scheme.bits, self.stored // max(rows, 1)).reshape(-1)
+        return unpack_codes(packed, self.scheme.bits, self.stored)
 
     def grid(self) -> QuantGrid:
         rows, columns = self.shape

@@ -1,0 +1,152 @@
+"""End-to-end decoding on sparsellm's kernels vs the same pruned weights run densely (issue 4).
+
+Parts (all by default):
+- ``tinyllama``: a model with TinyLlama-1.1B's shapes, random weights pruned 50 % by magnitude
+  (speed depends on shapes, not on training), with and without 50 % activation sparsity;
+- ``sample``: the sample model (SmolLM2-135M) pruned 50 % by magnitude;
+- ``quality``: perplexity of the sample model under the protocol with 25 / 40 / 50 % activation
+  sparsity, and SparseGPT 50 % weights with and without 40 % activations.
+
+Speed: greedy decoding of 128 tokens at batch 1 and a forward pass over a 512-token prompt,
+variants interleaved run by run, medians, ratios to the faster of dense float32 / bfloat16.
+
+    flock /tmp/sparsellm-heavy.lock python benchmarks/bench_decode.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sparsellm
+from sparsellm import speed
+from sparsellm.activations import calibrate, held_out_sparsity
+from sparsellm.kernels import backend, use_kernels
+from sparsellm.logging_utils import configure
+from sparsellm.models import load_model, sample_model_path
+
+PARTS = ("tinyllama", "sample", "quality")
+
+
+def tinyllama_folder(work: Path) -> Path:
+    """TinyLlama-1.1B's shapes with random weights, pruned 50 % by magnitude, saved in bfloat16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    folder = work / "tinyllama-shaped-50"
+    if (folder / "config.json").exists():
+        return folder
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    sparsellm.prune(model, method="magnitude", sparsity=0.5)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(sample_model_path()).save_pretrained(folder)  # only its files are needed
+    return folder
+
+
+def sample_folder(work: Path) -> Path:
+    folder = work / "smollm2-magnitude-50"
+    if not (folder / "config.json").exists():
+        model, tokenizer = load_model("sample")
+        sparsellm.prune(model, tokenizer, method="magnitude", sparsity=0.5)
+        sparsellm.save(model, tokenizer, folder)
+    return folder
+
+
+def speed_rows(folder: Path, activation_sparsity: float | None, repeats: int, tokens: int, prefill: int,
+               windows: torch.Tensor | None) -> list[dict]:
+    variants = {name: load_model(folder, dtype=dtype)[0] for name, dtype in speed.DENSE.items()}
+    variants["sparsellm 50%"] = load_model(folder, dtype=torch.bfloat16)[0]
+    use_kernels(variants["sparsellm 50%"], "auto", dtype=torch.bfloat16)
+    if activation_sparsity:
+        model = load_model(folder, dtype=torch.bfloat16)[0]
+        result = calibrate(model, None, activation_sparsity, windows=windows)
+        use_kernels(model, "auto", dtype=torch.bfloat16, thresholds=result.thresholds,
+                    activation_sparsity=result.targets)
+        variants[f"sparsellm 50% + {activation_sparsity:.0%} act."] = model
+    report = speed.measure(variants, decode_tokens=tokens, prefill_tokens=prefill, repeats=repeats)
+    return report.rows()
+
+
+def print_speed(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}\n")
+    print("| variant | decode tokens/s | decode ratio | prefill tokens/s | prefill ratio |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['decode_tokens_per_s']:.2f} | {row['decode_ratio']:.2f} | "
+              f"{row['prefill_tokens_per_s']:.1f} | {row['prefill_ratio']:.2f} |", flush=True)
+
+
+def quality_rows(work: Path, windows: int) -> list[dict]:
+    rows = []
+    model, tokenizer = load_model("sample")
+
+    def evaluate(name: str, achieved: float | None = None) -> None:
+        started = time.perf_counter()
+        result = sparsellm.evaluate(model, tokenizer, max_windows=windows)
+        rows.append({"model": name, "perplexity": result.perplexity, "tokens": result.tokens,
+                     "held_out_activation_sparsity": achieved, "seconds": time.perf_counter() - started})
+        print(f"| {name} | {result.perplexity:.3f} | {'' if achieved is None else f'{achieved:.3f}'} |", flush=True)
+
+    print("\n| sample model | perplexity | activation sparsity reached (held-out) |\n|---|---|---|")
+    evaluate("dense")
+    for target in (0.25, 0.4, 0.5):
+        activations = calibrate(model, tokenizer, target)
+        reached = held_out_sparsity(model, tokenizer, activations)
+        activations.attach(model)
+        evaluate(f"dense + {target:.0%} activations", sum(reached.values()) / len(reached))
+        activations.detach()
+    sparsellm.prune(model, tokenizer, method="sparsegpt", sparsity=0.5)
+    evaluate("SparseGPT 50%")
+    activations = calibrate(model, tokenizer, 0.4)
+    reached = held_out_sparsity(model, tokenizer, activations)
+    activations.attach(model)
+    evaluate("SparseGPT 50% + 40% activations", sum(reached.values()) / len(reached))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--part", action="append", choices=PARTS, help="repeatable; default all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128, help="decoded tokens per run")
+    parser.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill run")
+    parser.add_argument("--windows", type=int, default=32, help="perplexity windows (protocol: 32)")
+    parser.add_argument("--work", default=None, help="folder for the pruned models (default: a temporary one)")
+    parser.add_argument("--json", help="also write all rows to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    configure(-1)
+    print(f"kernels: {backend.current().name} ({backend.current().reason}); {args.threads} threads; "
+          f"torch {torch.__version__}", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(args.work or temporary)
+        work.mkdir(parents=True, exist_ok=True)
+        parts = args.part or PARTS
+        if "tinyllama" in parts:
+            windows = torch.randint(3, 32000, (8, 256), generator=torch.Generator().manual_seed(0))
+            results["tinyllama"] = speed_rows(tinyllama_folder(work), 0.5, args.repeats, args.tokens, args.prefill,
+                                              windows)
+            print_speed("TinyLlama-1.1B shapes, random weights, 50 % magnitude", results["tinyllama"])
+        if "sample" in parts:
+            results["sample"] = speed_rows(sample_folder(work), None, args.repeats, args.tokens, args.prefill, None)
+            print_speed("Sample model (SmolLM2-135M), 50 % magnitude", results["sample"])
+        if "quality" in parts:
+            results["quality"] = quality_rows(work, args.windows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

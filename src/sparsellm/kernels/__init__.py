@@ -1,0 +1,15 @@
+"""Sparse CPU kernels and the layers that run on them.
+
+``SparseLinear`` (linear.py) runs a weight held in a kernel layout (layouts.py): dense, bitmask or
+2:4, with float or 4/8-bit integer values, row-major or input-major for activation sparsity.
+``use_kernels`` / ``load`` (model.py) put a whole pruned model on them. The compiled kernels
+(csrc/, AVX-512 or AVX2) or the PyTorch fallback are chosen in backend.py.
+"""
+
+from .backend import Backend, current, use_backend
+from .layouts import Layout, Quantization, build
+from .linear import SparseLinear
+from .model import KernelReport, load, use_kernels
+
+__all__ = ["Backend", "KernelReport", "Layout", "Quantization", "SparseLinear", "build", "current", "load",
+           "use_backend", "use_kernels"]

@@ -1,0 +1,354 @@
+// AVX2 + FMA kernels for CPUs without AVX-512 (VBMI2): 8 fp32 lanes. AVX2 has no expand
+// instruction, so a bitmask byte selects a shuffle from a 256-entry table: 16-bit and 8-bit values
+// are spread into their lanes with pshufb (whose 0x80 control zeroes the pruned lanes), fp32 values
+// with vpermps and a lane mask. 2:4 positions are turned into such a byte through another table.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi2,popcnt"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2,popcnt")
+#endif
+
+namespace sparsellm {
+namespace {
+
+constexpr int kPrefetchBytes = 2048;
+
+// Prefetch the lines a stream of C values will reach kPrefetchBytes after `at`, as many as one
+// step can consume, without branches (a loop over the lines actually consumed mispredicts when
+// that count varies, as it does with bitmasks).
+template <int C>
+inline void prefetch_ahead(const char* at) {
+  constexpr int bytes = 32 * (C == kF32 ? 4 : C == kU8 ? 1 : C == kU4 ? 1 : 2) / (C == kU4 ? 2 : 1);
+  for (int line = 0; line < (bytes + 63) / 64; ++line) _mm_prefetch(at + kPrefetchBytes + 64 * line, _MM_HINT_T0);
+}
+
+struct Tables {
+  alignas(16) int8_t spread16[256][16];  // pshufb control: 8 packed 16-bit values -> lanes of the set bits
+  alignas(16) int8_t spread8[256][16];   // the same for 8-bit values (low 8 bytes)
+  alignas(32) int32_t permute[256][8];   // vpermps indices for fp32 values
+  alignas(32) int32_t kept[256][8];      // -1 in the lanes of the set bits
+  uint8_t nm24[256];                     // four 2-bit positions (two groups of 4) -> their 8-bit mask
+
+  constexpr Tables() : spread16(), spread8(), permute(), kept(), nm24() {
+    for (int m = 0; m < 256; ++m) {
+      int packed = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        const bool set = (m >> lane) & 1;
+        spread16[m][2 * lane] = set ? int8_t(2 * packed) : int8_t(-128);
+        spread16[m][2 * lane + 1] = set ? int8_t(2 * packed + 1) : int8_t(-128);
+        spread8[m][lane] = set ? int8_t(packed) : int8_t(-128);
+        spread8[m][lane + 8] = int8_t(-128);
+        permute[m][lane] = set ? packed : 0;
+        kept[m][lane] = set ? -1 : 0;
+        packed += set;
+      }
+      nm24[m] = uint8_t((1 << (m & 3)) | (1 << ((m >> 2) & 3)) | (16 << ((m >> 4) & 3)) | (16 << ((m >> 6) & 3)));
+    }
+  }
+};
+
+constexpr Tables kTables{};
+
+inline int64_t popcount(uint64_t bits) { return _mm_popcnt_u64(bits); }
+
+inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline __m128i spread(const int8_t (&table)[256][16], unsigned m, __m128i packed) {
+  return _mm_shuffle_epi8(packed, load128(table[m]));
+}
+inline __m256 widen_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+inline __m256 widen_u8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+inline __m256 kept_lanes(unsigned m) { return _mm256_load_ps(reinterpret_cast<const float*>(kTables.kept[m])); }
+
+// One codec per stored value type: 8 values at element index i as fp32 (quantized: the integer),
+// or the next popcount(m) values spread into the lanes of the set bits of m (others zero).
+template <int C>
+struct Values;
+
+template <>
+struct Values<kF32> {
+  static constexpr bool quantized = false;
+  static const char* at(const void* v, int64_t i) { return reinterpret_cast<const char*>(static_cast<const float*>(v) + i); }
+  static __m256 load(const void* v, int64_t i) { return _mm256_loadu_ps(static_cast<const float*>(v) + i); }
+  static __m256 expand(const void* v, int64_t i, unsigned m) {
+    const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.permute[m]));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(load(v, i), index), kept_lanes(m));
+  }
+};
+
+template <>
+struct Values<kBF16> {
+  static constexpr bool quantized = false;
+  static const char* at(const void* v, int64_t i) { return reinterpret_cast<const char*>(static_cast<const uint16_t*>(v) + i); }
+  static __m256 load(const void* v, int64_t i) { return widen_bf16(load128(static_cast<const uint16_t*>(v) + i)); }
+  static __m256 expand(const void* v, int64_t i, unsigned m) {
+    return widen_bf16(spread(kTables.spread16, m, load128(static_cast<const uint16_t*>(v) + i)));
+  }
+};
+
+template <>
+struct Values<kF16> {
+  static constexpr bool quantized = false;
+  static const char* at(const void* v, int64_t i) { return reinterpret_cast<const char*>(static_cast<const uint16_t*>(v) + i); }
+  static __m256 load(const void* v, int64_t i) { return _mm256_cvtph_ps(load128(static_cast<const uint16_t*>(v) + i)); }
+  static __m256 expand(const void* v, int64_t i, unsigned m) {
+    return _mm256_cvtph_ps(spread(kTables.spread16, m, load128(static_cast<const uint16_t*>(v) + i)));
+  }
+};
+
+template <>
+struct Values<kU8> {
+  static constexpr bool quantized = true;
+  static const char* at(const void* v, int64_t i) { return static_cast<const char*>(v) + i; }
+  static __m128i bytes(const void* v, int64_t i) { return load128(static_cast<const uint8_t*>(v) + i); }
+  static __m256 load(const void* v, int64_t i) { return widen_u8(bytes(v, i)); }
+  static __m256 expand(const void* v, int64_t i, unsigned m) { return widen_u8(spread(kTables.spread8, m, bytes(v, i))); }
+};
+
+template <>
+struct Values<kU4> {
+  static constexpr bool quantized = true;
+  static const char* at(const void* v, int64_t i) { return static_cast<const char*>(v) + (i >> 1); }
+  // 8 nibbles from nibble i (low nibble first), one per byte.
+  static __m128i bytes(const void* v, int64_t i) {
+    __m128i raw = _mm_loadl_epi64(static_cast<const __m128i*>(static_cast<const void*>(static_cast<const uint8_t*>(v) + (i >> 1))));
+    if (i & 1) raw = _mm_srli_epi64(raw, 4);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    return _mm_unpacklo_epi8(_mm_and_si128(raw, low), _mm_and_si128(_mm_srli_epi16(raw, 4), low));
+  }
+  static __m256 load(const void* v, int64_t i) { return widen_u8(bytes(v, i)); }
+  static __m256 expand(const void* v, int64_t i, unsigned m) { return widen_u8(spread(kTables.spread8, m, bytes(v, i))); }
+};
+
+// 32 consecutive weights of one row in column order.
+struct Block {
+  __m256 w[4];
+};
+
+// Quantized values: w = q * scale + bias (see kernels.h); pruned lanes must stay zero.
+template <int C>
+inline void dequantize(const Weights& w, int64_t r, int64_t c, Block& blk, const unsigned* kept) {
+  if constexpr (Values<C>::quantized) {
+    for (int q = 0; q < 4; ++q) {
+      __m256 scale, bias;
+      if (!w.input_major) {
+        const int64_t g = r * w.groups + c / w.group;
+        scale = _mm256_set1_ps(w.scales[g]);
+        bias = _mm256_set1_ps(w.biases[g]);
+      } else {
+        const int64_t g = (r / w.group) * w.cols + c + 8 * q;
+        scale = _mm256_loadu_ps(w.scales + g);
+        bias = _mm256_loadu_ps(w.biases + g);
+      }
+      blk.w[q] = _mm256_fmadd_ps(blk.w[q], scale, bias);
+      if (kept) blk.w[q] = _mm256_and_ps(blk.w[q], kept_lanes(kept[q]));
+    }
+  }
+}
+
+template <int C>
+inline void decode_dense(const Weights& w, int64_t i, int64_t r, int64_t c, Block& blk) {
+  for (int q = 0; q < 4; ++q) blk.w[q] = Values<C>::load(w.values, i + 8 * q);
+  dequantize<C>(w, r, c, blk, nullptr);
+}
+
+// The 32 weights of a half mask word from value index `off`; returns the index after them.
+template <int C>
+inline int64_t decode_bitmask(const Weights& w, int64_t off, uint32_t bits, int64_t r, int64_t c, Block& blk) {
+  const unsigned kept[4] = {bits & 0xffu, (bits >> 8) & 0xffu, (bits >> 16) & 0xffu, bits >> 24};
+  int64_t i = off;
+  for (int q = 0; q < 4; ++q) {
+    blk.w[q] = Values<C>::expand(w.values, i, kept[q]);
+    i += popcount(kept[q]);
+  }
+  dequantize<C>(w, r, c, blk, kept);
+  return i;
+}
+
+// 2:4 has no gather instruction worth using here: its positions become a bitmask.
+inline uint32_t nm24_mask(uint32_t positions) {
+  return uint32_t(kTables.nm24[positions & 0xff]) | uint32_t(kTables.nm24[(positions >> 8) & 0xff]) << 8 |
+         uint32_t(kTables.nm24[(positions >> 16) & 0xff]) << 16 | uint32_t(kTables.nm24[positions >> 24]) << 24;
+}
+
+inline int64_t dense_start(const Weights& w, int64_t p, int64_t r) { return w.rows * p * w.panel + r * w.panel_width(p); }
+
+// Cursor over one (row, panel): decodes 32 columns per step whatever the format.
+template <int C>
+struct RowCursor {
+  const Weights& w;
+  int64_t r, c0, i;
+  const uint64_t* mask = nullptr;
+
+  RowCursor(const Weights& weights, int64_t p, int64_t row) : w(weights), r(row), c0(p * weights.panel) {
+    if (w.format == kBitmask) {
+      mask = w.mask + w.rows * (c0 / 64) + r * (w.panel_width(p) / 64);
+      i = w.offsets[p * w.rows + r];
+    } else {
+      i = w.format == kNM24 ? dense_start(w, p, r) / 2 : dense_start(w, p, r);
+    }
+  }
+
+  void step(int64_t half, Block& blk, bool prefetch = true) {  // half: index of the 32-column step in the panel
+    const int64_t first = i, c = c0 + 32 * half;
+    if (w.format == kDense) {
+      decode_dense<C>(w, i, r, c, blk);
+      i += 32;
+    } else if (w.format == kBitmask) {
+      if (prefetch && (half & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + half / 2) + kPrefetchBytes / 4, _MM_HINT_T0);
+      i = decode_bitmask<C>(w, i, uint32_t(mask[half / 2] >> (32 * (half & 1))), r, c, blk);
+    } else {
+      decode_bitmask<C>(w, i, nm24_mask(w.positions[i / 16]), r, c, blk);
+      i += 16;
+    }
+    if (prefetch) prefetch_ahead<C>(Values<C>::at(w.values, first));
+  }
+};
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+template <int C, int NB>
+inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, int64_t t0) {
+  const int64_t steps = w.panel_width(p) / 32;
+  const float* x = b.x + t0 * b.x_stride + p * w.panel;
+  __m256 acc[NB][2];
+  for (int t = 0; t < NB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  RowCursor<C> cursor(w, p, r);
+  for (int64_t s = 0; s < steps; ++s) {
+    Block blk;
+    cursor.step(s, blk);
+    for (int t = 0; t < NB; ++t) {
+      const float* xt = x + t * b.x_stride + 32 * s;
+      acc[t][0] = _mm256_fmadd_ps(blk.w[0], _mm256_loadu_ps(xt), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(blk.w[1], _mm256_loadu_ps(xt + 8), acc[t][1]);
+      acc[t][0] = _mm256_fmadd_ps(blk.w[2], _mm256_loadu_ps(xt + 16), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(blk.w[3], _mm256_loadu_ps(xt + 24), acc[t][1]);
+    }
+  }
+  for (int t = 0; t < NB; ++t) b.y[(t0 + t) * b.y_stride + r] += hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
+
+template <int C>
+void gemv_codec(const Weights& w, const Batch& b, int64_t row_begin, int64_t row_end) {
+  for (int64_t p = 0; p < w.panels(); ++p) {
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      int64_t t = 0;
+      for (; t + 4 <= b.n; t += 4) row_panel<C, 4>(w, b, p, r, t);
+      if (t + 2 <= b.n) { row_panel<C, 2>(w, b, p, r, t); t += 2; }
+      if (t < b.n) row_panel<C, 1>(w, b, p, r, t);
+    }
+  }
+}
+
+template <int C>
+void decode_codec(const Weights& w, int64_t p, int64_t row_begin, int64_t row_end, float* out, int64_t ld) {
+  const int64_t steps = w.panel_width(p) / 32;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    RowCursor<C> cursor(w, p, r);
+    float* o = out + (r - row_begin) * ld;
+    for (int64_t s = 0; s < steps; ++s) {
+      Block blk;
+      cursor.step(s, blk);
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + 32 * s + 8 * q, blk.w[q]);
+    }
+  }
+}
+
+template <int C>
+void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
+  const int64_t steps = w.cols / 32;
+  for (int64_t n = 0; n < a.count; ++n) {
+    const int64_t j = a.inputs[n], next = a.inputs[n + 1 < a.count ? n + 1 : n];
+    const int64_t ahead = w.format == kBitmask ? w.offsets[next] - w.offsets[j] : (next - j) * w.cols;
+    for (int64_t t0 = 0; t0 < b.n; t0 += 4) {  // tokens in groups of 4; a row is re-read from cache
+      __m256 scale[4];
+      int64_t tokens[4], used = 0;
+      for (int64_t t = t0; t < b.n && t < t0 + 4; ++t) {
+        const float v = b.x[t * b.x_stride + j];
+        if (v != 0.0f) { scale[used] = _mm256_set1_ps(v); tokens[used++] = t; }
+      }
+      if (used == 0) continue;
+      RowCursor<C> cursor(w, 0, j);
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t first = cursor.i;
+        Block blk;
+        cursor.step(s, blk, false);
+        // The next active row is not adjacent: fetch it alongside this one, at the same position.
+        prefetch_ahead<C>(Values<C>::at(w.values, first + ahead) - kPrefetchBytes);
+        for (int64_t u = 0; u < used; ++u) {
+          float* y = b.y + tokens[u] * b.y_stride + 32 * s;
+          for (int q = 0; q < 4; ++q) _mm256_storeu_ps(y + 8 * q, _mm256_fmadd_ps(blk.w[q], scale[u], _mm256_loadu_ps(y + 8 * q)));
+        }
+      }
+    }
+  }
+}
+
+template <template <int> class F, typename... A>
+void by_codec(int codec, A&&... args) {
+  switch (codec) {
+    case kF32: F<kF32>::run(args...); break;
+    case kBF16: F<kBF16>::run(args...); break;
+    case kF16: F<kF16>::run(args...); break;
+    case kU8: F<kU8>::run(args...); break;
+    case kU4: F<kU4>::run(args...); break;
+  }
+}
+
+template <int C> struct Gemv { static void run(const Weights& w, const Batch& b, int64_t r0, int64_t r1) { gemv_codec<C>(w, b, r0, r1); } };
+template <int C> struct Decode {
+  static void run(const Weights& w, int64_t p, int64_t r0, int64_t r1, float* out, int64_t ld) { decode_codec<C>(w, p, r0, r1, out, ld); }
+};
+template <int C> struct InputMajor { static void run(const Weights& w, const Batch& b, const Active& a) { input_major_codec<C>(w, b, a); } };
+
+}  // namespace
+
+void gemv_avx2(const Weights& w, const Batch& b, int64_t row_begin, int64_t row_end) {
+  by_codec<Gemv>(w.codec, w, b, row_begin, row_end);
+}
+
+void decode_avx2(const Weights& w, int64_t panel, int64_t row_begin, int64_t row_end, float* out, int64_t ld) {
+  by_codec<Decode>(w.codec, w, panel, row_begin, row_end, out, ld);
+}
+
+void input_major_avx2(const Weights& w, const Batch& b, const Active& a) { by_codec<InputMajor>(w.codec, w, b, a); }
+
+// bfloat16 values decoded as bfloat16 (the dense path's GEMM input when it runs in bfloat16).
+void decode_bf16_avx2(const Weights& w, int64_t p, int64_t row_begin, int64_t row_end, uint16_t* out, int64_t ld) {
+  const int64_t c0 = p * w.panel, width = w.panel_width(p), words = width / 64;
+  const uint16_t* v = static_cast<const uint16_t*>(w.values);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    uint16_t* o = out + (r - row_begin) * ld;
+    if (w.format == kDense) {
+      const uint16_t* row = v + dense_start(w, p, r);
+      for (int64_t c = 0; c < width; c += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c)));
+      continue;
+    }
+    const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
+    int64_t i = w.format == kBitmask ? w.offsets[p * w.rows + r] : dense_start(w, p, r) / 2;
+    for (int64_t half = 0; half < 2 * words; ++half) {
+      const uint32_t bits = mask ? uint32_t(mask[half / 2] >> (32 * (half & 1))) : nm24_mask(w.positions[i / 16]);
+      for (int q = 0; q < 4; ++q) {
+        const unsigned m = (bits >> (8 * q)) & 0xffu;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32 * half + 8 * q), spread(kTables.spread16, m, load128(v + i)));
+        i += popcount(m);
+      }
+    }
+  }
+}
+
+}  // namespace sparsellm
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,286 @@
+// Python bindings: argument checks, input preparation (fp32, zero-padded), threading with
+// at::parallel_for, and the choice of the ISA-specific kernel (checked against the running CPU).
+// Bound with pybind11 (a call costs a few microseconds, a third of a dispatcher op's with a custom
+// class argument) through torch's caster header alone, not torch/extension.h, to halve the build.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace sparsellm {
+namespace {
+
+bool cpu_has(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                    __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  if (isa == kAvx2) return avx2;
+  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi2");
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> found;
+  if (cpu_has(kAvx512)) found.push_back("avx512");
+  if (cpu_has(kAvx2)) found.push_back("avx2");
+  return found;
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+
+// The runtime layout of one matrix, as the Python side (layouts.py) holds it.
+Weights unpack(int64_t format, int64_t codec, int64_t rows, int64_t cols, int64_t panel, int64_t group,
+               bool input_major, const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
+               const at::Tensor& positions, const at::Tensor& scales, const at::Tensor& biases) {
+  TORCH_CHECK(cols % 64 == 0 && panel % 64 == 0 && panel > 0, "columns and panel must be multiples of 64");
+  TORCH_CHECK(format >= kDense && format <= kNM24 && codec >= kF32 && codec <= kU4, "unknown format or codec");
+  for (const at::Tensor* t : {&values, &mask, &offsets, &positions, &scales, &biases})
+    TORCH_CHECK(t->numel() == 0 || (t->is_contiguous() && t->device().is_cpu()), "layout tensors must be contiguous CPU tensors");
+  Weights w;
+  w.format = int(format);
+  w.codec = int(codec);
+  w.rows = rows;
+  w.cols = cols;
+  w.panel = panel;
+  w.values = data_or_null(values);
+  w.mask = static_cast<const uint64_t*>(data_or_null(mask));
+  w.offsets = offsets.numel() ? offsets.data_ptr<int64_t>() : nullptr;
+  w.positions = static_cast<const uint32_t*>(data_or_null(positions));
+  w.scales = scales.numel() ? scales.data_ptr<float>() : nullptr;
+  w.biases = biases.numel() ? biases.data_ptr<float>() : nullptr;
+  w.group = group;
+  w.groups = group > 0 ? (input_major ? (rows + group - 1) / group : (cols + group - 1) / group) : 0;
+  w.input_major = input_major;
+  TORCH_CHECK(w.values != nullptr, "no values");
+  TORCH_CHECK(format != kBitmask || (w.mask && w.offsets), "bitmask layout without mask or offsets");
+  TORCH_CHECK(format != kNM24 || w.positions, "2:4 layout without positions");
+  TORCH_CHECK(codec < kU8 || (w.scales && w.biases && group % 64 == 0), "quantized layout without scales, or group not a multiple of 64");
+  return w;
+}
+
+// Threads pay off only with enough work each: this many weights per chunk of rows at least (an
+// OpenMP region costs microseconds, and far more when the machine is busy).
+constexpr int64_t kMinWeightsPerThread = 1 << 16;
+
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(16, kMinWeightsPerThread / std::max<int64_t>(cols, 1)); }
+
+// Where column j of a block of 32 goes in the even/odd lane order of kernels.h.
+inline int64_t even_odd_index(int64_t j) { return (j & ~int64_t(31)) + ((j & 1) << 4) + ((j & 31) >> 1); }
+
+template <typename T>
+inline float as_float(T v) { return static_cast<float>(v); }
+
+// x (n, features; float32, bfloat16 or float16) as float32 (n, width), zero-padded, with |x| <=
+// threshold zeroed when threshold >= 0 (activation sparsity) and, if asked, in even/odd lane
+// order. One pass in C++: this runs for every layer of every decoded token, where a chain of
+// small tensor operations would cost more than the product itself.
+at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold, bool even_odd = false) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= width, "input must be (tokens, features)");
+  const at::Tensor input = x.contiguous();
+  const int64_t n = input.size(0), features = input.size(1);
+  at::Tensor out = at::empty({n, width}, input.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float cut = float(threshold);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "prepare", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < n; ++t) {
+      float* row = o + t * width;
+      std::fill(row, row + width, 0.0f);
+      for (int64_t j = 0; j < features; ++j) {
+        const float v = as_float(in[t * features + j]);
+        const float kept = threshold >= 0 && !(std::fabs(v) > cut) ? 0.0f : v;
+        row[even_odd ? even_odd_index(j) : j] = kept;
+      }
+    }
+  });
+  return out;
+}
+
+bool use_avx512(int64_t isa) {
+  TORCH_CHECK(isa == kAvx512 || isa == kAvx2, "unknown instruction set");
+  TORCH_CHECK(cpu_has(Isa(isa)), "this CPU cannot run the ", isa == kAvx512 ? "AVX-512" : "AVX2", " kernels");
+  return isa == kAvx512;
+}
+
+// A layout's tensors, unpacked once into the struct the kernels read (and kept alive with it), so
+// a call passes one object instead of a dozen arguments.
+struct Handle {
+  Weights w;
+  int64_t out_features = 0, in_features = 0;
+  std::vector<at::Tensor> tensors;
+};
+
+std::shared_ptr<Handle> make_handle(int64_t out_features, int64_t in_features, int64_t format, int64_t codec,
+                                    int64_t rows, int64_t cols, int64_t panel, int64_t group, bool input_major,
+                                    const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
+                                    const at::Tensor& positions, const at::Tensor& scales, const at::Tensor& biases) {
+  auto handle = std::make_shared<Handle>();
+  handle->w = unpack(format, codec, rows, cols, panel, group, input_major, values, mask, offsets, positions, scales,
+                     biases);
+  handle->out_features = out_features;
+  handle->in_features = in_features;
+  handle->tensors = {values, mask, offsets, positions, scales, biases};
+  TORCH_CHECK((input_major ? cols : rows) >= out_features && (input_major ? rows : cols) >= in_features,
+              "layout smaller than its features");
+  return handle;
+}
+
+// y = x W^T for a row-major layout (rows = output features): fp32, (n, rows).
+at::Tensor gemv(const at::Tensor& x, const Weights& w, int64_t isa, double threshold) {
+  const at::Tensor xp = prepare(x, w.cols, threshold, even_odd_lanes(isa, w));
+  at::Tensor y = at::zeros({x.size(0), w.rows}, x.options().dtype(at::kFloat));
+  const Batch b{xp.data_ptr<float>(), xp.size(0), w.cols, y.data_ptr<float>(), w.rows};
+  auto run = [&](auto kernel) {
+    at::parallel_for(0, w.rows, row_grain(w.cols), [&](int64_t r0, int64_t r1) { kernel(w, b, r0, r1); });
+  };
+  use_avx512(isa) ? run(gemv_avx512) : run(gemv_avx2);
+  return y;
+}
+
+// y = s(x) W^T with an input-major layout (rows = input features, cols = padded output features),
+// s zeroing |x| <= threshold; only the rows of surviving inputs are read. Threads split the inputs
+// (not the outputs), so each streams long contiguous runs, and their partial sums are added.
+at::Tensor input_major(const at::Tensor& x, const Weights& w, int64_t isa, double threshold, int64_t out_features) {
+  const at::Tensor xp = prepare(x, w.rows, threshold);
+  const int64_t n = xp.size(0);
+  const float* xs = xp.data_ptr<float>();
+  std::vector<int32_t> active;
+  active.reserve(w.rows);
+  for (int64_t j = 0; j < w.rows; ++j)
+    for (int64_t t = 0; t < n; ++t)
+      if (xs[t * w.rows + j] != 0.0f) { active.push_back(int32_t(j)); break; }
+  const int64_t work = int64_t(active.size()) * w.cols;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWeightsPerThread));
+  at::Tensor partial = at::zeros({threads, n, w.cols}, xp.options());
+  auto run = [&](auto kernel) {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t part = t0; part < t1; ++part) {  // one part per thread
+        const int64_t lo = int64_t(active.size()) * part / threads, hi = int64_t(active.size()) * (part + 1) / threads;
+        const Batch b{xs, n, w.rows, partial[part].data_ptr<float>(), w.cols};
+        kernel(w, b, Active{active.data() + lo, hi - lo});
+      }
+    });
+  };
+  use_avx512(isa) ? run(input_major_avx512) : run(input_major_avx2);
+  // Add the threads' partial sums, back in natural order, dropping the padded columns.
+  at::Tensor y = at::empty({n, out_features}, xp.options());
+  const float* parts = partial.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const bool even_odd = even_odd_lanes(isa, w);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < out_features; ++c) {
+      const int64_t from = t * w.cols + (even_odd ? even_odd_index(c) : c);
+      float sum = 0.0f;
+      for (int64_t part = 0; part < threads; ++part) sum += parts[part * n * w.cols + from];
+      out[t * out_features + c] = sum;
+    }
+  return y;
+}
+
+// Rows [row_begin, row_end) of panel p, dense, into `out` (float32, or bfloat16 for bfloat16 values).
+void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, int64_t row_end, at::Tensor& out) {
+  const int64_t width = w.panel_width(p);
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!bf16 || w.codec == kBF16, "only bfloat16 values decode to bfloat16");
+  auto run = [&](auto kernel, auto kernel_bf16) {
+    at::parallel_for(row_begin, row_end, row_grain(width), [&](int64_t r0, int64_t r1) {
+      if (bf16)
+        kernel_bf16(w, p, r0, r1, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + (r0 - row_begin) * width, width);
+      else
+        kernel(w, p, r0, r1, out.data_ptr<float>() + (r0 - row_begin) * width, width);
+    });
+  };
+  use_avx512(isa) ? run(decode_avx512, decode_bf16_avx512) : run(decode_avx2, decode_bf16_avx2);
+}
+
+// The dense path for many tokens (prefill): decode a block of rows at a time into a buffer that
+// stays in cache and multiply it with the BLAS GEMM. The matrix is never dense in memory as a
+// whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T. The GEMM runs in
+// bfloat16 only when inputs and weights are bfloat16 already: rounding other values would change them.
+at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, int64_t block_bytes) {
+  const Weights& w = h.w;
+  const auto dtype = x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor xp = prepare(x, w.input_major ? w.rows : w.cols, threshold);
+  if (dtype != at::kFloat) xp = xp.to(dtype);  // exact: bfloat16 inputs
+  at::Tensor y = at::zeros({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
+  // Float values stored dense are a matrix already: multiply them where they lie (a panel at a time
+  // when they are in the GEMM's dtype, else a block of rows converted at a time).
+  const bool stored_dense = w.format == kDense && w.codec <= kF16;
+  const bool in_place = stored_dense && (w.codec == kBF16 ? dtype == at::kBFloat16 : w.codec == kF32 && dtype == at::kFloat);
+  for (int64_t p = 0; p < w.panels(); ++p) {
+    const int64_t panel_width = w.panel_width(p);
+    const int64_t block = in_place ? w.rows : std::max<int64_t>(16, block_bytes / (int64_t(at::elementSize(dtype)) * panel_width));
+    at::Tensor buffer = stored_dense ? at::Tensor() : at::empty({block, panel_width}, x.options().dtype(dtype));
+    for (int64_t r0 = 0; r0 < w.rows; r0 += block) {
+      const int64_t r1 = std::min(w.rows, r0 + block);
+      at::Tensor tile;
+      if (stored_dense) {
+        tile = h.tensors[0].narrow(0, w.rows * p * w.panel + r0 * panel_width, (r1 - r0) * panel_width)
+                   .view({r1 - r0, panel_width});
+      } else {
+        decode_rows(w, isa, p, r0, r1, buffer);
+        tile = buffer.narrow(0, 0, r1 - r0);
+      }
+      if (tile.scalar_type() != dtype) tile = tile.to(dtype);
+      if (w.input_major)
+        y.narrow(1, p * w.panel, panel_width).addmm_(xp.narrow(1, r0, r1 - r0), tile);
+      else
+        y.narrow(1, r0, r1 - r0).addmm_(xp.narrow(1, p * w.panel, panel_width), tile.t());
+    }
+  }
+  return y;
+}
+
+// The layer: y (..., out_features) in x's dtype = s(x) W^T + bias, with s zeroing |x| <= threshold
+// (threshold < 0: no activation sparsity), through the sparse kernel or the dense path.
+at::Tensor linear(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, bool sparse,
+                  const std::optional<at::Tensor>& bias, int64_t block_bytes) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == h.in_features, "input has ", x.size(-1), " features, the layer ",
+              h.in_features);
+  const at::Tensor flat = x.reshape({-1, h.in_features});
+  const Weights& w = h.w;
+  at::Tensor y = !sparse ? dense(flat, h, isa, threshold, block_bytes)
+               : w.input_major ? input_major(flat, w, isa, threshold, h.out_features)
+                               : gemv(flat, w, isa, threshold);
+  if (y.size(1) != h.out_features) y = y.narrow(1, 0, h.out_features);
+  if (bias.has_value()) y = y.add(*bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = h.out_features;
+  return (y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type())).reshape(shape);
+}
+
+// Rows [row_begin, row_end) of one panel as a dense fp32 matrix (rows x panel width).
+at::Tensor decode(const Handle& h, int64_t panel_index, int64_t row_begin, int64_t row_end, int64_t isa) {
+  const Weights& w = h.w;
+  TORCH_CHECK(0 <= panel_index && panel_index < w.panels() && 0 <= row_begin && row_begin <= row_end && row_end <= w.rows,
+              "panel or rows out of range");
+  at::Tensor out = at::empty({row_end - row_begin, w.panel_width(panel_index)}, at::TensorOptions().dtype(at::kFloat));
+  decode_rows(w, isa, panel_index, row_begin, row_end, out);
+  return out;
+}
+
+}  // namespace
+}  // namespace sparsellm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparsellm CPU kernels for sparse and quantized linear layers";
+  pybind11::class_<sparsellm::Handle, std::shared_ptr<sparsellm::Handle>>(m, "Handle");
+  m.def("cpu_isas", &sparsellm::cpu_isas, "instruction sets of this CPU that the kernels can use, best first");
+  m.def("handle", &sparsellm::make_handle, "the kernels' view of a layout (see layouts.py)");
+  m.def("linear", &sparsellm::linear, "y = s(x) W^T + bias through the sparse kernel or the dense path");
+  m.def("decode", &sparsellm::decode, "rows of one panel as a dense fp32 matrix");
+}

@@ -1,0 +1,78 @@
+// The contract between the generic bindings (bindings.cpp, compiled for any x86-64) and the
+// ISA-specific kernel files (avx512.cpp, avx2.cpp). Kept free of torch headers on purpose: the ISA
+// files are compiled with wider instruction sets, and inline functions shared with generic code
+// could otherwise be emitted with instructions the running CPU lacks.
+//
+// Runtime layouts (built by sparsellm/kernels/layouts.py; the fallback in reference.py reads the same):
+//  * every matrix is (rows, cols) with cols padded with zeros to a multiple of 64, cut into column
+//    panels of `panel` columns (the last may be narrower), stored panel after panel, so a thread
+//    streams one contiguous run per panel and the panel of x stays in L1;
+//  * dense:   values, row-major within a panel;
+//  * bitmask: one bit per weight, LSB first, 64-bit words, row-major within a panel; the kept
+//             values packed in the same order; offsets[p * rows + r] = first value of (panel p, row r);
+//  * 2:4:     two kept values per group of four columns, in column order; per 16 values one 32-bit
+//             word of 2-bit in-group positions (value k at bits 2k..2k+1);
+//  * quantized values (u8, u4) dequantize as q * scale + bias, with scale / bias fp32 per (row, group
+//    of columns), bias = -zero_point * scale; pruned weights are zero whatever the bias;
+//  * input-major (activation sparsity): the transposed matrix, one row per input, one panel.
+#pragma once
+#include <cstdint>
+
+namespace sparsellm {
+
+enum Codec : int { kF32 = 0, kBF16 = 1, kF16 = 2, kU8 = 3, kU4 = 4 };
+enum Format : int { kDense = 0, kBitmask = 1, kNM24 = 2 };
+
+struct Weights {
+  int format = kDense;
+  int codec = kBF16;
+  int64_t rows = 0, cols = 0;  // cols: padded to a multiple of 64
+  int64_t panel = 0;           // multiple of 64
+  const void* values = nullptr;         // element units; u4 counts nibbles (low nibble first)
+  const uint64_t* mask = nullptr;       // bitmask
+  const int64_t* offsets = nullptr;     // bitmask: panels * rows + 1 entries
+  const uint32_t* positions = nullptr;  // 2:4 in-group positions
+  const float* scales = nullptr;        // quantized: (rows, groups), or (groups, cols) when input-major
+  const float* biases = nullptr;
+  int64_t group = 0, groups = 0;        // columns per quantization group (multiple of 64)
+  bool input_major = false;             // groups run along rows: scale of (r, c) = scales[(r / group) * cols + c]
+
+  int64_t panels() const { return (cols + panel - 1) / panel; }
+  int64_t panel_width(int64_t p) const { return p + 1 < panels() ? panel : cols - p * panel; }
+};
+
+// x: n rows of cols fp32 (zero-padded), y: n rows of `rows` fp32 accumulated into (y += W x).
+struct Batch {
+  const float* x = nullptr;
+  int64_t n = 0, x_stride = 0;
+  float* y = nullptr;
+  int64_t y_stride = 0;
+};
+
+// Activation-sparse product with an input-major matrix: for the listed inputs (rows of the
+// transposed matrix) y[t] += x[t, j] * W^T[j, :]; zero inputs are skipped per token.
+struct Active {
+  const int32_t* inputs = nullptr;
+  int64_t count = 0;
+};
+
+enum Isa : int64_t { kAvx2 = 2, kAvx512 = 3 };
+
+// Whether a GEMV (input-major: its output) uses the AVX-512 bfloat16 lane order: within each
+// block of 32 columns, the 16 even columns first, then the 16 odd ones.
+inline bool even_odd_lanes(int64_t isa, const Weights& w) {
+  return isa == kAvx512 && w.codec == kBF16 && w.format != kNM24;
+}
+
+#define SPARSELLM_ISA_API(isa)                                                                        \
+  void gemv_##isa(const Weights& w, const Batch& b, int64_t row_begin, int64_t row_end);             \
+  void decode_##isa(const Weights& w, int64_t panel, int64_t row_begin, int64_t row_end, float* out,  \
+                    int64_t ld);                                                                      \
+  void input_major_##isa(const Weights& w, const Batch& b, const Active& active);                  \
+  void decode_bf16_##isa(const Weights& w, int64_t panel, int64_t row_begin, int64_t row_end,         \
+                         uint16_t* out, int64_t ld);
+
+SPARSELLM_ISA_API(avx512)
+SPARSELLM_ISA_API(avx2)
+
+}  // namespace sparsellm
