@@ -7,7 +7,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,13 +73,16 @@ def read_metadata(folder: str | os.PathLike) -> dict | None:
 
 
 def save(model, tokenizer, output: str | os.PathLike, metadata: dict | None = None,
-         overwrite: bool = False) -> Path:
-    """Save an HF folder (safetensors, config, tokenizer) plus sparsity.json, atomically."""
+         overwrite: bool = False, files: Mapping[str, str] | None = None) -> Path:
+    """Save an HF folder (safetensors, config, tokenizer) plus sparsity.json and any extra text
+    ``files`` (name -> content, such as the recipe), atomically."""
     with atomic_folder(output, overwrite) as staging:
         model.save_pretrained(staging, max_shard_size="2GB")  # offloaded models are gathered shard by shard
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if metadata is not None:
             write_metadata(staging, metadata)
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
     logger.info("saved %s", output)
     return Path(output)

@@ -7,9 +7,9 @@ import sys
 
 from ..errors import SparseLLMError
 from ..logging_utils import configure, logger
-from . import evaluate, info, prune
+from . import evaluate, info, prune, report
 
-COMMANDS = [prune, evaluate, info]
+COMMANDS = [prune, evaluate, info, report]
 
 
 def build_parser() -> argparse.ArgumentParser:

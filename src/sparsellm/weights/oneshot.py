@@ -7,7 +7,6 @@ so the next block calibrates on what the pruned model really produces.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ from ..data import Text, check_context, load_text, token_windows
 from ..errors import SparseLLMError
 from ..logging_utils import logger
 from ..models import in_features, set_weight_matrix, weight_matrix
+from .allocation import Allocation, LayerSlot, Plan, dense_pass, get_allocation, layer_slots, realize
 from .base import InputStatistics, get_method
 from .masks import Pattern, check_sparsity
 
@@ -41,8 +41,9 @@ class PruneReport:
     method: str
     options: dict
     pattern: str
-    sparsity: float
+    sparsity: float | None
     calibration: dict | None
+    allocation: dict = field(default_factory=lambda: {"name": "uniform", "options": {}})
     layers: list[LayerResult] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -73,17 +74,38 @@ def calibration_windows(model, tokenizer, calib: str | Text = "builtin", nsample
     return windows, description
 
 
-def _targets(names: Sequence[str], sparsity: float, pattern: Pattern, ignore: Sequence[str],
-             layer_sparsity: Mapping[str, float] | None) -> dict[str, float]:
-    ignored = [re.compile(expr) for expr in ignore]
-    targets = {}
-    for name in names:
-        if any(expr.search(name) for expr in ignored):
-            continue
-        target = layer_sparsity.get(name, sparsity) if layer_sparsity else sparsity
-        if target > 0:
-            targets[name] = check_sparsity(target)
-    return targets
+def _check_target(sparsity: float | None, pattern: Pattern, strategy: Allocation) -> float | None:
+    if pattern.is_nm:
+        if sparsity is not None and abs(sparsity - pattern.sparsity) > 1e-9:
+            raise SparseLLMError(f"pattern {pattern} implies sparsity {pattern.sparsity:g}, not {sparsity:g}")
+        return pattern.sparsity
+    if sparsity is None:
+        if strategy.needs_target:
+            raise SparseLLMError("give a sparsity (or an N:M pattern)")
+        return None
+    return check_sparsity(sparsity)
+
+
+def plan_layers(model, strategy: Allocation, slots: Sequence[LayerSlot], sparsity: float | None, pattern: Pattern,
+                windows: torch.Tensor | None, batch_size: int = 8, device: str | None = None) -> Plan:
+    """Run the strategy's dense calibration pass if it still needs one, then solve and realize its plan."""
+    if strategy.needs_pass:
+        strategy.prepare([sparsity])
+        logger.info("%s allocation: dense calibration pass", strategy.name)
+        dense_pass(model, windows, slots, strategy.needs, strategy.observe, strategy.input_windows,
+                   batch_size=batch_size, device=device)
+    desired = strategy.solve(slots, sparsity)
+    plan = realize(desired, slots, sparsity if strategy.exact_budget else None, pattern)
+    for target in plan.layer_sparsity.values():
+        check_sparsity(target)
+    return plan
+
+
+def _cached(statistics: Mapping[str, InputStatistics], name: str, needs: frozenset[str]) -> InputStatistics:
+    stats = statistics.get(name)
+    if stats is None or not needs <= stats.needs:
+        raise SparseLLMError(f"the precomputed statistics lack {', '.join(sorted(needs))} for layer {name}")
+    return stats
 
 
 def relative_error(before: torch.Tensor, after: torch.Tensor, probe: torch.Tensor | None) -> float | None:
@@ -95,57 +117,77 @@ def relative_error(before: torch.Tensor, after: torch.Tensor, probe: torch.Tenso
 
 
 def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float | None = 0.5,
-          pattern: str | Pattern = "unstructured", calib: str | Text = "builtin", nsamples: int = 64,
-          seqlen: int = 512, seed: int = 0, sampling: str = "consecutive", ignore: Sequence[str] = (),
-          layer_sparsity: Mapping[str, float] | None = None, device: str | None = None,
+          pattern: str | Pattern = "unstructured", allocation: str | Allocation = "uniform",
+          calib: str | Text = "builtin", nsamples: int = 64, seqlen: int = 512, seed: int = 0,
+          sampling: str = "consecutive", ignore: Sequence[str] = (),
+          layer_sparsity: Mapping[str, float] | None = None,
+          statistics: Mapping[str, InputStatistics] | None = None, device: str | None = None,
           batch_size: int = 8, **method_options) -> PruneReport:
     """Prune every linear layer inside the decoder blocks of ``model``, in place.
 
     ``pattern`` is ``"unstructured"`` or ``"N:M"`` (N kept of every M inputs; it implies the
-    sparsity, so ``sparsity`` may be None). ``ignore`` holds regexes of layer names left dense;
-    ``layer_sparsity`` maps layer names to their own sparsity. Methods that need calibration data
-    (Wanda, SparseGPT) read ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
-    Embeddings and the LM head are never pruned.
+    sparsity, so ``sparsity`` may be None). ``allocation`` chooses each layer's share of the
+    target: ``uniform``, ``owl``, ``sensitivity``, ``table`` (see ``weights.allocation``; pass an
+    ``Allocation`` object for options; one that has measured already is not run again); with N:M
+    it varies N per block. ``ignore`` holds regexes of layer names left dense; ``layer_sparsity``
+    overrides the sparsity of the named layers. Methods that need calibration data (Wanda,
+    SparseGPT) read ``nsamples`` windows of ``seqlen`` tokens from ``calib``; ``statistics`` (from
+    ``allocation.dense_pass(..., keep=True)``) replaces that pass with precomputed statistics of
+    the dense model. Embeddings and the LM head are never pruned.
     """
     started = time.perf_counter()
     pattern = Pattern.parse(pattern)
-    if pattern.is_nm:
-        if sparsity is not None and abs(sparsity - pattern.sparsity) > 1e-9:
-            raise SparseLLMError(f"pattern {pattern} implies sparsity {pattern.sparsity:g}, not {sparsity:g}")
-        sparsity = pattern.sparsity
-    elif sparsity is None:
-        raise SparseLLMError("give a sparsity (or an N:M pattern)")
-    sparsity = check_sparsity(sparsity)
+    strategy = allocation if isinstance(allocation, Allocation) else get_allocation(allocation)
+    sparsity = _check_target(sparsity, pattern, strategy)
     algorithm = get_method(method, **method_options)
+    slots = layer_slots(model, ignore)
+    for slot in slots:
+        pattern.check_width(slot.columns, slot.name)
+    calibrate = bool(algorithm.needs) and statistics is None
     windows, calibration = None, None
-    if algorithm.needs:
+    if calibrate or strategy.needs_pass:
         if tokenizer is None:
-            raise SparseLLMError(f"method {method} needs calibration data, so a tokenizer")
+            raise SparseLLMError(f"method {method} with allocation {strategy.name} needs calibration data, "
+                                 "so a tokenizer")
         windows, calibration = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed, sampling)
         logger.info("calibrating on %d windows of %d tokens from %s/%s (sha256 %s)", nsamples, seqlen,
                     calibration["name"], calibration["split"], calibration["sha256_16"])
-    report = PruneReport(method, {"name": method} | asdict(algorithm), str(pattern), sparsity, calibration)
+    plan = plan_layers(model, strategy, slots, sparsity, pattern, windows, batch_size, device)
+    named = {slot.name for slot in slots}
+    for name, target in (layer_sparsity or {}).items():
+        if name in named:  # ignored layers stay dense
+            plan.layer_sparsity[name] = check_sparsity(target)
+            plan.layer_patterns.pop(name, None)
+    report = PruneReport(method, {"name": method} | asdict(algorithm), str(pattern), sparsity, calibration,
+                         {"name": strategy.name, "options": strategy.options(), "statistics": strategy.statistics()})
+    if not calibrate:
+        windows = None
 
     for step in engine.walk(model, windows, batch_size=batch_size, device=device, desc=f"{method} {pattern}"):
         layers = step.layers
-        targets = _targets(list(layers), sparsity, pattern, ignore, layer_sparsity)
-        for name in targets:
-            pattern.check_width(in_features(layers[name]), name)
+        targets = {name: plan.layer_sparsity[name] for name in layers if name in plan.layer_sparsity}
+        pruned_layers = {name: layers[name] for name, target in targets.items() if target > 0}
         stats = {}
-        if windows is not None and targets:
+        if windows is not None and pruned_layers:
             stats = step.collect(lambda name, module: InputStatistics(in_features(module), algorithm.needs),
-                                 {name: layers[name] for name in targets})
+                                 pruned_layers)
+        elif statistics is not None:
+            stats = {name: _cached(statistics, name, algorithm.needs) for name in pruned_layers}
         solve_started = time.perf_counter()
         for name, target in targets.items():
             layer_started = time.perf_counter()
             module = layers[name]
             dense = weight_matrix(module)
-            pruned = algorithm.prune(dense.clone(), stats.get(name), target, pattern)
-            set_weight_matrix(module, pruned)
+            layer_pattern = plan.layer_patterns.get(name, pattern) if target > 0 else Pattern()
+            if target > 0:
+                pruned = algorithm.prune(dense.clone(), stats.get(name), target, layer_pattern)
+                set_weight_matrix(module, pruned)
+            else:  # the allocation keeps this layer dense
+                pruned = dense
             probe = stats[name].probe if name in stats else None
             result = LayerResult(
-                name, tuple(dense.shape), target, str(pattern),
-                (pruned == 0).float().mean().item(), relative_error(dense, pruned, probe),
+                name, tuple(dense.shape), target, str(layer_pattern) if target > 0 else "dense",
+                (pruned == 0).float().mean().item(), relative_error(dense, pruned, probe) if target > 0 else 0.0,
                 time.perf_counter() - layer_started,
             )
             report.layers.append(result)
@@ -167,6 +209,6 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
             step.seconds.get("collect", 0), step.seconds.get("solve", 0), step.seconds.get("propagate", 0),
         )
     report.seconds = time.perf_counter() - started
-    logger.info("pruned %d layers to %.4f sparsity with %s %s in %.1f s", len(report.layers),
-                report.achieved_sparsity, method, pattern, report.seconds)
+    logger.info("pruned %d layers to %.4f sparsity with %s %s (%s allocation) in %.1f s", len(report.layers),
+                report.achieved_sparsity, method, pattern, strategy.name, report.seconds)
     return report
