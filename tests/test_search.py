@@ -7,12 +7,12 @@ oracle that reads the real pruned weights: it grows with their share of zeros.
 import math
 
 import pytest
-from tiny import make_model, make_tokenizer
 
 from sparsellm.evaluation import Perplexity
 from sparsellm.models import decoder_blocks, linear_layers
 from sparsellm.weights import search
 from sparsellm.weights.search import parse_share, sparsest_within
+from tiny import make_model, make_tokenizer
 
 
 def zero_share(model) -> float:

@@ -108,6 +108,14 @@ def _cached(statistics: Mapping[str, InputStatistics], name: str, needs: frozens
     return stats
 
 
+def _shared_input_groups(names: list[str], stats: dict, patterns: Mapping[str, Pattern]) -> list[list[str]]:
+    """Layers that share one statistics object (they read the same input) and one pattern, in module order."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        groups.setdefault((id(stats[name]) if name in stats else id(name), patterns.get(name)), []).append(name)
+    return list(groups.values())
+
+
 def relative_error(before: torch.Tensor, after: torch.Tensor, probe: torch.Tensor | None) -> float | None:
     if probe is None or probe.numel() == 0:
         return None
@@ -174,26 +182,30 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
         elif statistics is not None:
             stats = {name: _cached(statistics, name, algorithm.needs) for name in pruned_layers}
         solve_started = time.perf_counter()
-        for name, target in targets.items():
-            layer_started = time.perf_counter()
-            module = layers[name]
-            dense = weight_matrix(module)
-            layer_pattern = plan.layer_patterns.get(name, pattern) if target > 0 else Pattern()
-            if target > 0:
-                pruned = algorithm.prune(dense.clone(), stats.get(name), target, layer_pattern)
-                set_weight_matrix(module, pruned)
-            else:  # the allocation keeps this layer dense
-                pruned = dense
-            probe = stats[name].probe if name in stats else None
-            result = LayerResult(
-                name, tuple(dense.shape), target, str(layer_pattern) if target > 0 else "dense",
-                (pruned == 0).float().mean().item(), relative_error(dense, pruned, probe) if target > 0 else 0.0,
-                time.perf_counter() - layer_started,
-            )
+        results = {}
+        for name in targets.keys() - pruned_layers.keys():  # the allocation keeps these dense
+            dense = weight_matrix(layers[name])
+            results[name] = LayerResult(name, tuple(dense.shape), 0.0, "dense", (dense == 0).float().mean().item(),
+                                        0.0, 0.0)
+        for group in _shared_input_groups(list(pruned_layers), stats, plan.layer_patterns):
+            group_started = time.perf_counter()
+            layer_pattern = plan.layer_patterns.get(group[0], pattern)
+            dense = [weight_matrix(layers[name]) for name in group]
+            pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]),
+                                           [targets[name] for name in group], layer_pattern)
+            seconds = (time.perf_counter() - group_started) / len(group)
+            for name, before, after in zip(group, dense, pruned, strict=True):
+                set_weight_matrix(layers[name], after)
+                probe = stats[name].probe if name in stats else None
+                results[name] = LayerResult(name, tuple(before.shape), targets[name], str(layer_pattern),
+                                            (after == 0).float().mean().item(),
+                                            relative_error(before, after, probe), seconds)
+        for name in targets:
+            result = results[name]
             report.layers.append(result)
-            logger.info("%s %s: sparsity %.4f, relative error %s, %.2f s", name, tuple(dense.shape),
-                         result.sparsity, f"{result.relative_error:.4f}" if result.relative_error is not None
-                         else "n/a", result.seconds)
+            logger.info("%s %s: sparsity %.4f, relative error %s, %.2f s", name, result.shape,
+                        result.sparsity, f"{result.relative_error:.4f}" if result.relative_error is not None
+                        else "n/a", result.seconds)
         step.seconds["solve"] = time.perf_counter() - solve_started
         if windows is not None:
             step.propagate()
