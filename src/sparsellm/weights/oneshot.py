@@ -87,18 +87,24 @@ def _check_target(sparsity: float | None, pattern: Pattern, strategy: Allocation
 
 
 def plan_layers(model, strategy: Allocation, slots: Sequence[LayerSlot], sparsity: float | None, pattern: Pattern,
-                windows: torch.Tensor | None, batch_size: int = 8, device: str | None = None) -> Plan:
-    """Run the strategy's dense calibration pass if it still needs one, then solve and realize its plan."""
+                windows: torch.Tensor | None, batch_size: int = 8,
+                device: str | None = None) -> tuple[Plan, float]:
+    """Run the strategy's dense calibration pass if it still needs one, then solve and realize its plan.
+
+    Returns the plan and the seconds the pass took (0 when the strategy had measured already).
+    """
+    started = time.perf_counter()
     if strategy.needs_pass:
         strategy.prepare([sparsity])
         logger.info("%s allocation: dense calibration pass", strategy.name)
         dense_pass(model, windows, slots, strategy.needs, strategy.observe, strategy.input_windows,
                    batch_size=batch_size, device=device)
+    seconds = time.perf_counter() - started
     desired = strategy.solve(slots, sparsity)
     plan = realize(desired, slots, sparsity if strategy.exact_budget else None, pattern)
     for target in plan.layer_sparsity.values():
         check_sparsity(target)
-    return plan
+    return plan, seconds
 
 
 def _cached(statistics: Mapping[str, InputStatistics], name: str, needs: frozenset[str]) -> InputStatistics:
@@ -160,14 +166,15 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
         windows, calibration = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed, sampling)
         logger.info("calibrating on %d windows of %d tokens from %s/%s (sha256 %s)", nsamples, seqlen,
                     calibration["name"], calibration["split"], calibration["sha256_16"])
-    plan = plan_layers(model, strategy, slots, sparsity, pattern, windows, batch_size, device)
+    plan, allocation_seconds = plan_layers(model, strategy, slots, sparsity, pattern, windows, batch_size, device)
     named = {slot.name for slot in slots}
     for name, target in (layer_sparsity or {}).items():
         if name in named:  # ignored layers stay dense
             plan.layer_sparsity[name] = check_sparsity(target)
             plan.layer_patterns.pop(name, None)
     report = PruneReport(method, {"name": method} | asdict(algorithm), str(pattern), sparsity, calibration,
-                         {"name": strategy.name, "options": strategy.options(), "statistics": strategy.statistics()})
+                         {"name": strategy.name, "options": strategy.options(), "statistics": strategy.statistics(),
+                          "seconds": allocation_seconds})
     if not calibrate:
         windows = None
 

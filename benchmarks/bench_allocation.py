@@ -1,0 +1,185 @@
+"""Per-layer sparsity allocation on the sample model at 70 % unstructured, and the perplexity-target search.
+
+    flock /tmp/sparsellm-heavy.lock python benchmarks/bench_allocation.py          # everything (~1 h on 2 cores)
+    python benchmarks/bench_allocation.py --only sparsegpt:owl,wanda:owl           # some rows
+    python benchmarks/bench_allocation.py --table                                  # print the tables again
+
+Rows (docs/PROTOCOL.md: 64 x 512 calibration tokens, perplexity on 32 x 512 evaluation tokens):
+- ``METHOD:ALLOCATION`` at 70 %: uniform, OWL (M 5, lambda 0.08) and sensitivity, for SparseGPT and Wanda.
+  OWL and sensitivity statistics are measured once on the dense model and reused by both methods
+  (``Allocation`` objects keep what they measured); the time of that pass is reported apart.
+- ``search``: ``--max-ppl-increase 10%`` with Wanda (uniform), every candidate listed.
+- ``sweep``: the exhaustive reference, Wanda (uniform) pruned from scratch at 2 %, 4 %, ... until
+  two consecutive points exceed the limit (perplexity rises with sparsity beyond them).
+
+Each row's pruned folder is saved under ``--workdir`` (``sparsellm report`` draws them); results
+accumulate in ``--results`` so a rerun only computes the missing rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import sparsellm
+from sparsellm.evaluation import perplexity
+from sparsellm.weights.allocation import get_allocation
+from sparsellm.weights.search import sparsest_within
+
+HERE = Path(__file__).parent
+ROWS = ["sparsegpt:uniform", "sparsegpt:owl", "sparsegpt:sensitivity", "wanda:uniform", "wanda:owl",
+        "wanda:sensitivity", "search", "sweep"]
+TARGET, LIMIT, SWEEP_STEP = 0.7, 0.10, 0.02
+COMMON = "--model sample --sparsity 0.7 --nsamples 64 --seqlen 512 --eval --threads 2"
+
+
+def command(row: str) -> str:
+    if row == "search":
+        return ("sparsellm prune --model sample --method wanda --max-ppl-increase 10% --search-step 0.01 "
+                "--threads 2 --output OUT")
+    if row == "sweep":
+        return "sparsellm prune --model sample --method wanda --sparsity S --eval --threads 2 --output OUT"
+    method, allocation = row.split(":")
+    return f"sparsellm prune {COMMON} --method {method} --allocation {allocation} --output OUT"
+
+
+class Bench:
+    def __init__(self, workdir: Path, results: Path):
+        self.workdir, self.results_path = workdir, results
+        self.results = json.loads(results.read_text()) if results.exists() else {}
+        self.strategies = {}  # allocation name -> measured strategy, shared by both methods
+        self.dense = None
+
+    def save(self) -> None:
+        self.results_path.parent.mkdir(parents=True, exist_ok=True)
+        self.results_path.write_text(json.dumps(self.results, indent=2))
+
+    def fresh_model(self):
+        return sparsellm.load_model("sample")
+
+    def dense_perplexity(self) -> float:
+        if "dense" not in self.results:
+            model, tokenizer = self.fresh_model()
+            self.results["dense"] = perplexity(model, tokenizer).perplexity
+            self.save()
+        return self.results["dense"]
+
+    def run_ratio(self, row: str) -> dict:
+        method, allocation = row.split(":")
+        model, tokenizer = self.fresh_model()
+        strategy = self.strategies.get(allocation) or get_allocation(allocation)
+        measured_before = bool(strategy.statistics())
+        started = time.perf_counter()
+        report = sparsellm.prune(model, tokenizer, method=method, sparsity=TARGET, allocation=strategy)
+        seconds = time.perf_counter() - started
+        self.strategies[allocation] = strategy
+        ppl = perplexity(model, tokenizer)
+        metadata = report.to_dict() | {"evaluation": {"dense": {"perplexity": self.dense_perplexity()},
+                                                      "pruned": ppl.to_dict()}}
+        sparsellm.save(model, tokenizer, self.workdir / row.replace(":", "-"), metadata, overwrite=True)
+        return {"row": row, "perplexity": ppl.perplexity, "achieved_sparsity": report.achieved_sparsity,
+                "seconds": seconds, "statistics_reused": measured_before,
+                "allocation_seconds": report.allocation["seconds"],
+                "allocation_range": [min(r.target for r in report.layers), max(r.target for r in report.layers)]}
+
+    def run_search(self) -> dict:
+        model, tokenizer = self.fresh_model()
+        started = time.perf_counter()
+        found = sparsest_within(model, tokenizer, LIMIT, method="wanda", step=0.01)
+        seconds = time.perf_counter() - started
+        metadata = (found.report.to_dict() if found.report else {}) | {
+            "search": found.to_dict(),
+            "evaluation": {"dense": {"perplexity": found.dense_perplexity}, "pruned": found.evaluation}}
+        sparsellm.save(model, tokenizer, self.workdir / "search", metadata, overwrite=True)
+        return {"row": "search", "chosen": found.chosen, "perplexity": found.evaluation["perplexity"],
+                "increase": found.evaluation["perplexity"] / found.dense_perplexity - 1, "seconds": seconds,
+                "candidates": found.to_dict()["candidates"]}
+
+    def run_sweep(self) -> dict:
+        dense = self.dense_perplexity()
+        points, failures, step = [], 0, 1
+        started = time.perf_counter()
+        while failures < 2 and step * SWEEP_STEP < 0.95:
+            sparsity = round(step * SWEEP_STEP, 4)
+            model, tokenizer = self.fresh_model()
+            sparsellm.prune(model, tokenizer, method="wanda", sparsity=sparsity)
+            ppl = perplexity(model, tokenizer).perplexity
+            points.append({"sparsity": sparsity, "perplexity": ppl, "increase": ppl / dense - 1})
+            failures = failures + 1 if ppl > dense * (1 + LIMIT) else 0
+            step += 1
+        passing = [p["sparsity"] for p in points if p["increase"] <= LIMIT]
+        return {"row": "sweep", "points": points, "best": max(passing, default=0.0),
+                "seconds": time.perf_counter() - started}
+
+    def run(self, row: str) -> None:
+        if row in self.results:
+            return
+        self.dense_perplexity()
+        result = {"search": self.run_search, "sweep": self.run_sweep}.get(row, lambda: self.run_ratio(row))()
+        result["command"] = command(row)
+        self.results[row] = result
+        self.save()
+        print(json.dumps({k: v for k, v in result.items() if k not in ("points", "candidates")}), flush=True)
+
+
+def tables(results: dict) -> str:
+    dense = results.get("dense")
+    lines = [f"Dense perplexity: {dense:.3f}." if dense else "", "",
+             "| method | allocation | perplexity at 70 % | sparsity reached | layer range | seconds (allocation pass) "
+             "| command |",
+             "|---|---|---|---|---|---|---|"]
+    for row in ROWS[:6]:
+        if row in results:
+            r = results[row]
+            method, allocation = row.split(":")
+            low, high = r["allocation_range"]
+            if allocation == "uniform":
+                seconds = f"{r['seconds']:.0f}"
+            elif r["statistics_reused"]:
+                seconds = f"{r['seconds']:.0f} (reused)"
+            else:
+                seconds = f"{r['seconds']:.0f} ({r['allocation_seconds']:.0f})"
+            lines.append(f"| {method} | {allocation} | {r['perplexity']:.2f} | {r['achieved_sparsity']:.4f} | "
+                         f"{low:.3f}-{high:.3f} | {seconds} | `{r['command']}` |")
+    if "search" in results:
+        s = results["search"]
+        lines += ["", f"`{s['command']}`: chose sparsity {s['chosen']:.2f}, perplexity {s['perplexity']:.3f} "
+                      f"({100 * s['increase']:+.2f} %), {s['seconds']:.0f} s in all.", "",
+                  "| candidate | stage | sparsity | perplexity | increase | within 10 % | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for i, c in enumerate(s["candidates"], 1):
+            lines.append(f"| {i} | {c['stage']} | {c['sparsity']:.2f} | {c['perplexity']:.3f} | "
+                         f"{100 * c['increase']:+.2f} % | {'yes' if c['accepted'] else 'no'} | {c['seconds']:.0f} |")
+    if "sweep" in results:
+        w = results["sweep"]
+        lines += ["", f"Exhaustive sweep (`{w['command']}` for S = 0.02, 0.04, ...): best sparsity within "
+                      f"+10 %: {w['best']:.2f}; {w['seconds']:.0f} s in all.", "",
+                  "| sparsity | " + " | ".join(f"{p['sparsity']:.2f}" for p in w["points"]) + " |",
+                  "|---|" + "---|" * len(w["points"]),
+                  "| perplexity | " + " | ".join(f"{p['perplexity']:.2f}" for p in w["points"]) + " |",
+                  "| increase | " + " | ".join(f"{100 * p['increase']:+.1f} %" for p in w["points"]) + " |"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help=f"comma-separated rows among {', '.join(ROWS)}")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sparsellm-bench-allocation"))
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "allocation.json")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only print the tables from --results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bench = Bench(args.workdir, args.results)
+    if not args.table:
+        for row in args.only.split(",") if args.only else ROWS:
+            bench.run(row)
+    print(tables(bench.results))
+
+
+if __name__ == "__main__":
+    main()
