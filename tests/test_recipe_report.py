@@ -114,3 +114,20 @@ def test_report_has_one_bar_per_layer_and_only_links_that_exist(pruned, tmp_path
     assert (pruned / "owl" / "report" / REPORT_FILE).is_file()
     code, _, err = run_cli(capsys, "report", str(tmp_path))
     assert code == 2 and "no sparsity.json" in err
+
+
+def test_a_table_from_the_command_line_is_kept_inline_in_the_recipe(llama_folder, tmp_path, capsys):
+    table = tmp_path / "table.yaml"
+    table.write_text("'mlp': 0.8\n'self_attn\\.(q|k)_proj': 0.2\n")
+    code, out, err = run_cli(capsys, "prune", "--model", str(llama_folder), "--method", "magnitude", "--table",
+                             str(table), "--output", str(tmp_path / "o"), "--json")
+    assert code == 0, err
+    targets = {layer["name"]: layer["target"] for layer in json.loads(out)["layers"]}
+    assert targets["model.layers.1.mlp.down_proj"] == 0.8 and targets["model.layers.0.self_attn.k_proj"] == 0.2
+    assert "model.layers.0.self_attn.v_proj" not in targets or targets["model.layers.0.self_attn.v_proj"] == 0
+    saved = Recipe.load(tmp_path / "o" / RECIPE_FILE)
+    assert saved.allocation == "table" and saved.allocation_options["rules"]["mlp"] == 0.8
+    table.unlink()  # the recipe does not need the file any more
+    assert run_cli(capsys, "prune", "--recipe", str(tmp_path / "o" / RECIPE_FILE), "--output",
+                   str(tmp_path / "again"))[0] == 0
+    assert same_weights(tmp_path / "o", tmp_path / "again")

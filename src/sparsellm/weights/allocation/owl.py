@@ -50,7 +50,7 @@ class OWL(Allocation):
     needs = frozenset({NORMS})
     m: float = 5.0  # outlier threshold M: a score counts as an outlier above M x the block's mean
     lam: float = 0.08  # lambda: the largest shift of a block's sparsity away from the target
-    outlier_ratios: dict[str, float] = field(default_factory=dict, repr=False)
+    outlier_ratios: dict[str, float] = field(default_factory=dict, init=False, repr=False)  # per block
 
     def __post_init__(self) -> None:
         if self.m <= 0 or not 0 <= self.lam < 0.5:

@@ -87,9 +87,11 @@ class Sensitivity(Allocation):
     granularity: str = "block"  # "block" or "layer"
     loss: str = "kl"  # "kl" (from the dense model's predictions) or "nll"
     batch_size: int = 2
-    increases: dict[str, list[float]] = field(default_factory=dict, repr=False)  # group -> loss increase per level
-    members: dict[str, list[str]] = field(default_factory=dict, repr=False)  # group -> its layers
-    _reference: list[torch.Tensor] = field(default_factory=list, repr=False)  # dense log-probs or NLL per batch
+    # what the pass measured: group -> loss increase per level, group -> its layers, and the dense
+    # model's log-probabilities (kl) or summed NLL (nll) per batch of windows
+    increases: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
+    members: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False)
+    reference: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("block", "layer"):
@@ -127,23 +129,23 @@ class Sensitivity(Allocation):
             logits = engine.logits_from(model, index, hidden, ids)[:, :-1].float()
             log_probs = F.log_softmax(logits, dim=-1).cpu()
             if self.loss == "kl":
-                reference = self._reference[batch]
+                reference = self.reference[batch]
                 total += (reference.exp() * (reference - log_probs)).sum().item()
             else:
-                total += -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item() - self._reference[batch].item()
+                total += -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item() - self.reference[batch].item()
             count += ids[:, 1:].numel()
         return total / count
 
     def _remember_dense(self, model, index: int, inputs: BlockInputs) -> None:
         for ids, hidden in self._batches(inputs):
             log_probs = F.log_softmax(engine.logits_from(model, index, hidden, ids)[:, :-1].float(), dim=-1).cpu()
-            self._reference.append(log_probs if self.loss == "kl" else
+            self.reference.append(log_probs if self.loss == "kl" else
                                    -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
 
     def observe(self, step: engine.BlockStep, stats: Mapping[str, InputStatistics],
                 slots: Sequence[LayerSlot], inputs: BlockInputs | None) -> None:
         model = step.model
-        if not self._reference:
+        if not self.reference:
             self._remember_dense(model, step.index, inputs)
         layers = step.layers
         groups = {step.name: [s.name for s in slots]} if self.granularity == "block" else \
