@@ -126,42 +126,41 @@ class Bench:
         print(json.dumps({k: v for k, v in result.items() if k not in ("points", "candidates")}), flush=True)
 
 
+def markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def tables(results: dict) -> str:
     dense = results.get("dense")
-    lines = [f"Dense perplexity: {dense:.3f}." if dense else "", "",
-             "| method | allocation | perplexity at 70 % | sparsity reached | layer range | seconds (allocation pass) "
-             "| command |",
-             "|---|---|---|---|---|---|---|"]
+    rows = []
     for row in ROWS[:6]:
         if row in results:
             r = results[row]
             method, allocation = row.split(":")
             low, high = r["allocation_range"]
-            if allocation == "uniform":
-                seconds = f"{r['seconds']:.0f}"
-            elif r["statistics_reused"]:
-                seconds = f"{r['seconds']:.0f} (reused)"
-            else:
-                seconds = f"{r['seconds']:.0f} ({r['allocation_seconds']:.0f})"
-            lines.append(f"| {method} | {allocation} | {r['perplexity']:.2f} | {r['achieved_sparsity']:.4f} | "
-                         f"{low:.3f}-{high:.3f} | {seconds} | `{r['command']}` |")
+            seconds = f"{r['seconds']:.0f}"
+            if allocation != "uniform":
+                seconds += " (reused)" if r["statistics_reused"] else f" ({r['allocation_seconds']:.0f})"
+            rows.append([method, allocation, f"{r['perplexity']:.2f}", f"{r['achieved_sparsity']:.4f}",
+                         f"{low:.3f}-{high:.3f}", seconds, f"`{r['command']}`"])
+    head = ["method", "allocation", "perplexity at 70 %", "sparsity reached", "layer range",
+            "seconds (allocation pass)", "command"]
+    lines = [f"Dense perplexity: {dense:.3f}." if dense else "", "", *markdown(head, rows)]
     if "search" in results:
         s = results["search"]
         lines += ["", f"`{s['command']}`: chose sparsity {s['chosen']:.2f}, perplexity {s['perplexity']:.3f} "
-                      f"({100 * s['increase']:+.2f} %), {s['seconds']:.0f} s in all.", "",
-                  "| candidate | stage | sparsity | perplexity | increase | within 10 % | seconds |",
-                  "|---|---|---|---|---|---|---|"]
-        for i, c in enumerate(s["candidates"], 1):
-            lines.append(f"| {i} | {c['stage']} | {c['sparsity']:.2f} | {c['perplexity']:.3f} | "
-                         f"{100 * c['increase']:+.2f} % | {'yes' if c['accepted'] else 'no'} | {c['seconds']:.0f} |")
+                      f"({100 * s['increase']:+.2f} %), {s['seconds']:.0f} s in all.", ""]
+        lines += markdown(["candidate", "stage", "sparsity", "perplexity", "increase", "within 10 %", "seconds"],
+                          [[str(i), c["stage"], f"{c['sparsity']:.2f}", f"{c['perplexity']:.3f}",
+                            f"{100 * c['increase']:+.2f} %", "yes" if c["accepted"] else "no", f"{c['seconds']:.0f}"]
+                           for i, c in enumerate(s["candidates"], 1)])
     if "sweep" in results:
         w = results["sweep"]
         lines += ["", f"Exhaustive sweep (`{w['command']}` for S = 0.02, 0.04, ...): best sparsity within "
-                      f"+10 %: {w['best']:.2f}; {w['seconds']:.0f} s in all.", "",
-                  "| sparsity | " + " | ".join(f"{p['sparsity']:.2f}" for p in w["points"]) + " |",
-                  "|---|" + "---|" * len(w["points"]),
-                  "| perplexity | " + " | ".join(f"{p['perplexity']:.2f}" for p in w["points"]) + " |",
-                  "| increase | " + " | ".join(f"{100 * p['increase']:+.1f} %" for p in w["points"]) + " |"]
+                      f"+10 %: {w['best']:.2f}; {w['seconds']:.0f} s in all.", ""]
+        lines += markdown(["sparsity", *(f"{p['sparsity']:.2f}" for p in w["points"])],
+                          [["perplexity", *(f"{p['perplexity']:.2f}" for p in w["points"])],
+                           ["increase", *(f"{100 * p['increase']:+.1f} %" for p in w["points"])]])
     return "\n".join(lines)
 
 
