@@ -236,3 +236,18 @@ def test_running_the_model_from_a_block_gives_its_own_logits(arch):
             hidden = step.activations.hidden[0].clone()
             torch.testing.assert_close(engine.logits_from(model, step.index, hidden, tokens), expected,
                                        rtol=1e-4, atol=1e-4)
+
+
+def test_nm_with_per_layer_sensitivity_varies_n_within_a_block():
+    model, tokenizer = make_model("llama", layers=2), make_tokenizer()
+    report = sparsellm.prune(model, tokenizer, method="magnitude", pattern="4:8", nsamples=4, seqlen=64,
+                             allocation=get_allocation("sensitivity", granularity="layer", windows=1,
+                                                       levels=[0.25, 0.5, 0.75]))
+    modules = dict(model.named_modules())
+    for layer in report.layers:
+        if layer.pattern != "dense":
+            n, m = map(int, layer.pattern.split(":"))
+            kept = (weight_matrix(modules[layer.name]).reshape(layer.shape[0], -1, m) != 0).sum(-1)
+            assert (kept <= n).all() and m == 8, layer.name
+    assert len({layer.pattern for layer in report.layers if ".layers.0." in layer.name}) > 1
+    assert report.achieved_sparsity == pytest.approx(0.5, abs=0.02)

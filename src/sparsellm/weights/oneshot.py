@@ -101,7 +101,7 @@ def plan_layers(model, strategy: Allocation, slots: Sequence[LayerSlot], sparsit
                    batch_size=batch_size, device=device)
     seconds = time.perf_counter() - started
     desired = strategy.solve(slots, sparsity)
-    plan = realize(desired, slots, sparsity if strategy.exact_budget else None, pattern)
+    plan = realize(desired, slots, sparsity if strategy.exact_budget else None, pattern, strategy.groups(slots))
     for target in plan.layer_sparsity.values():
         check_sparsity(target)
     return plan, seconds

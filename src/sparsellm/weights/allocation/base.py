@@ -111,6 +111,10 @@ class Allocation:
         """The sparsity each layer should get (real numbers averaging ``target`` where there is one)."""
         raise NotImplementedError
 
+    def groups(self, slots: Sequence[LayerSlot]) -> dict[str, str]:
+        """Which layers share one N under an N:M pattern (default: the layers of a block)."""
+        return {s.name: s.block for s in slots}
+
     def statistics(self) -> dict:
         """What the strategy measured (empty before its pass), for sparsity.json and the report."""
         return {}

@@ -148,10 +148,11 @@ class Sensitivity(Allocation):
         if not self.reference:
             self._remember_dense(model, step.index, inputs)
         layers = step.layers
-        groups = {step.name: [s.name for s in slots]} if self.granularity == "block" else \
-            {s.name: [s.name] for s in slots}
+        members: dict[str, list[str]] = {}
+        for name, group in self.groups(slots).items():
+            members.setdefault(group, []).append(name)
         probe = get_method("wanda")
-        for group, names in groups.items():
+        for group, names in members.items():
             dense = {name: weight_matrix(layers[name]) for name in names}
             increases = []
             for level in self.levels:
@@ -164,17 +165,20 @@ class Sensitivity(Allocation):
             self.members[group] = names
             logger.debug("sensitivity %s: %s", group, ", ".join(f"{v:.3g}" for v in increases))
 
+    def groups(self, slots: Sequence[LayerSlot]) -> dict[str, str]:
+        return {s.name: s.block if self.granularity == "block" else s.name for s in slots}
+
     def solve(self, slots: Sequence[LayerSlot], target: float | None) -> dict[str, float]:
         if target is None:
             raise SparseLLMError("the sensitivity allocation needs a target sparsity")
         if not self.increases:
             raise SparseLLMError("the sensitivity allocation has not measured anything yet")
         numel = {s.name: s.numel for s in slots}
-        groups = [g for g in self.increases if any(n in numel for n in self.members[g])]
-        sizes = [sum(numel.get(n, 0) for n in self.members[g]) for g in groups]
-        fits = [fit_exponential(self.levels, self.increases[g]) for g in groups]
+        measured = [g for g in self.increases if any(n in numel for n in self.members[g])]
+        sizes = [sum(numel.get(n, 0) for n in self.members[g]) for g in measured]
+        fits = [fit_exponential(self.levels, self.increases[g]) for g in measured]
         ratios = solve_exponential(fits, sizes, target, max(self.levels))
-        return {name: ratio for g, ratio in zip(groups, ratios, strict=True) for name in self.members[g]
+        return {name: ratio for g, ratio in zip(measured, ratios, strict=True) for name in self.members[g]
                 if name in numel}
 
     def statistics(self) -> dict:
