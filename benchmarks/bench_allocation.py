@@ -8,6 +8,9 @@ Rows (docs/PROTOCOL.md: 64 x 512 calibration tokens, perplexity on 32 x 512 eval
 - ``METHOD:ALLOCATION`` at 70 %: uniform, OWL (M 5, lambda 0.08) and sensitivity, for SparseGPT and Wanda.
   OWL and sensitivity statistics are measured once on the dense model and reused by both methods
   (``Allocation`` objects keep what they measured); the time of that pass is reported apart.
+- ``owl-grid``: OWL's M and lambda chosen on held-out calibration windows (the 16 after the 64
+  calibration windows; never the evaluation text), each candidate pruned with Wanda from one set of
+  dense statistics; ``METHOD:owl-tuned`` then runs the chosen pair under the protocol.
 - ``search``: ``--max-ppl-increase 10%`` with Wanda (uniform), every candidate listed.
 - ``sweep``: the exhaustive reference, Wanda (uniform) pruned from scratch at 2 %, 4 %, ... until
   two consecutive points exceed the limit (perplexity rises with sparsity beyond them).
@@ -20,24 +23,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 import sparsellm
-from sparsellm.evaluation import perplexity
-from sparsellm.weights.allocation import get_allocation
+from sparsellm.evaluation import perplexity, window_nll
+from sparsellm.models import set_weight_matrix, weight_matrix
+from sparsellm.weights.allocation import dense_pass, get_allocation, layer_slots
+from sparsellm.weights.base import NORMS
+from sparsellm.weights.oneshot import calibration_windows
 from sparsellm.weights.search import sparsest_within
 
 HERE = Path(__file__).parent
 ROWS = ["sparsegpt:uniform", "sparsegpt:owl", "sparsegpt:sensitivity", "wanda:uniform", "wanda:owl",
-        "wanda:sensitivity", "search", "sweep"]
+        "wanda:sensitivity", "owl-grid", "sparsegpt:owl-tuned", "wanda:owl-tuned", "search", "sweep"]
+OWL_M, OWL_LAMBDA = (3.0, 5.0, 7.0, 10.0, 20.0), (0.02, 0.05, 0.08, 0.12)
+HELD_OUT = 16  # calibration windows after the 64 used for calibration: OWL's grid is scored on them
 TARGET, LIMIT, SWEEP_STEP = 0.7, 0.10, 0.02
 COMMON = "--model sample --sparsity 0.7 --nsamples 64 --seqlen 512 --eval --threads 2"
 
 
-def command(row: str) -> str:
+def command(row: str, results: dict | None = None) -> str:
+    if row == "owl-grid":
+        return "python benchmarks/bench_allocation.py --only owl-grid"
+    if row.endswith(":owl-tuned"):
+        best = (results or {}).get("owl-grid", {}).get("best", {})
+        return (f"sparsellm prune {COMMON} --method {row.split(':')[0]} --allocation owl "
+                f"--owl-m {best.get('m', 'M')} --owl-lambda {best.get('lam', 'L')} --output OUT")
     if row == "search":
         return ("sparsellm prune --model sample --method wanda --max-ppl-increase 10% --search-step 0.01 "
                 "--threads 2 --output OUT")
@@ -71,6 +86,9 @@ class Bench:
     def run_ratio(self, row: str) -> dict:
         method, allocation = row.split(":")
         model, tokenizer = self.fresh_model()
+        if allocation == "owl-tuned":
+            best = self.results["owl-grid"]["best"]
+            self.strategies.setdefault(allocation, get_allocation("owl", m=best["m"], lam=best["lam"]))
         strategy = self.strategies.get(allocation) or get_allocation(allocation)
         measured_before = bool(strategy.statistics())
         started = time.perf_counter()
@@ -85,6 +103,40 @@ class Bench:
                 "seconds": seconds, "statistics_reused": measured_before,
                 "allocation_seconds": report.allocation["seconds"],
                 "allocation_range": [min(r.target for r in report.layers), max(r.target for r in report.layers)]}
+
+    def run_owl_grid(self) -> dict:
+        model, tokenizer = self.fresh_model()
+        windows, _ = calibration_windows(model, tokenizer, nsamples=64 + HELD_OUT)
+        calibration, held_out = windows[:64], windows[64:]
+        slots = layer_slots(model)
+        owls = {m: get_allocation("owl", m=m) for m in OWL_M}
+
+        def observe(*args) -> None:
+            for owl in owls.values():
+                owl.observe(*args)
+
+        started = time.perf_counter()
+        statistics = dense_pass(model, calibration, slots, frozenset({NORMS}), observe, keep=True)
+        modules = dict(model.named_modules())
+        dense = {s.name: weight_matrix(modules[s.name]) for s in slots}
+
+        def held_out_perplexity(allocation) -> float:
+            for name, weight in dense.items():
+                set_weight_matrix(modules[name], weight)
+            sparsellm.prune(model, tokenizer, method="wanda", sparsity=TARGET, allocation=allocation,
+                            statistics=statistics)
+            total, count = window_nll(model, held_out)
+            return math.exp(total / count)
+
+        grid = [{"m": "uniform", "lam": 0.0, "perplexity": held_out_perplexity("uniform")}]
+        for m, owl in owls.items():
+            for lam in OWL_LAMBDA:
+                owl.lam = lam
+                grid.append({"m": m, "lam": lam, "perplexity": held_out_perplexity(owl)})
+                print(json.dumps(grid[-1]), flush=True)
+        best = min((g for g in grid if g["m"] != "uniform"), key=lambda g: g["perplexity"])
+        return {"row": "owl-grid", "grid": grid, "best": best, "seconds": time.perf_counter() - started,
+                "outlier_ratios": {str(m): owl.statistics()["outlier_ratio"] for m, owl in owls.items()}}
 
     def run_search(self) -> dict:
         model, tokenizer = self.fresh_model()
@@ -119,11 +171,12 @@ class Bench:
         if row in self.results:
             return
         self.dense_perplexity()
-        result = {"search": self.run_search, "sweep": self.run_sweep}.get(row, lambda: self.run_ratio(row))()
-        result["command"] = command(row)
+        runs = {"search": self.run_search, "sweep": self.run_sweep, "owl-grid": self.run_owl_grid}
+        result = runs.get(row, lambda: self.run_ratio(row))()
+        result["command"] = command(row, self.results)
         self.results[row] = result
         self.save()
-        print(json.dumps({k: v for k, v in result.items() if k not in ("points", "candidates")}), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("points", "candidates", "grid")}), flush=True)
 
 
 def markdown(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -133,8 +186,8 @@ def markdown(head: list[str], rows: list[list[str]]) -> list[str]:
 def tables(results: dict) -> str:
     dense = results.get("dense")
     rows = []
-    for row in ROWS[:6]:
-        if row in results:
+    for row in ROWS:
+        if row in results and ":" in row:
             r = results[row]
             method, allocation = row.split(":")
             low, high = r["allocation_range"]
@@ -146,6 +199,16 @@ def tables(results: dict) -> str:
     head = ["method", "allocation", "perplexity at 70 %", "sparsity reached", "layer range",
             "seconds (allocation pass)", "command"]
     lines = [f"Dense perplexity: {dense:.3f}." if dense else "", "", *markdown(head, rows)]
+    if "owl-grid" in results:
+        g = results["owl-grid"]
+        lams = sorted({c["lam"] for c in g["grid"] if c["m"] != "uniform"})
+        uniform = next(c["perplexity"] for c in g["grid"] if c["m"] == "uniform")
+        lines += ["", f"OWL grid (Wanda from dense statistics, perplexity on {HELD_OUT} held-out calibration "
+                      f"windows; uniform: {uniform:.2f}; chose M {g['best']['m']:g}, lambda {g['best']['lam']:g}):", ""]
+        lines += markdown(["M (rows) / lambda (columns)", *(f"{lam:g}" for lam in lams)],
+                          [[f"{m:g}", *(f"{c['perplexity']:.2f}" for lam in lams for c in g["grid"]
+                                        if c["m"] == m and c["lam"] == lam)]
+                           for m in dict.fromkeys(c["m"] for c in g["grid"] if c["m"] != "uniform")])
     if "search" in results:
         s = results["search"]
         lines += ["", f"`{s['command']}`: chose sparsity {s['chosen']:.2f}, perplexity {s['perplexity']:.3f} "
