@@ -12,8 +12,9 @@ Rows (docs/PROTOCOL.md: 64 x 512 calibration tokens, perplexity on 32 x 512 eval
   calibration windows; never the evaluation text), each candidate pruned with Wanda from one set of
   dense statistics; ``METHOD:owl-tuned`` then runs the chosen pair under the protocol.
 - ``search``: ``--max-ppl-increase 10%`` with Wanda (uniform), every candidate listed.
-- ``sweep``: the exhaustive reference, Wanda (uniform) pruned from scratch at 2 %, 4 %, ... until
-  two consecutive points exceed the limit (perplexity rises with sparsity beyond them).
+- ``sweep``: the exhaustive reference, Wanda (uniform) pruned from scratch on the 2 % grid from 50 %
+  down to the first point within the limit, and one more (perplexity falls with sparsity, so the
+  first passing point is the sweep's best and everything above it was tried).
 
 Each row's pruned folder is saved under ``--workdir`` (``sparsellm report`` draws them); results
 accumulate in ``--results`` so a rerun only computes the missing rows.
@@ -42,7 +43,7 @@ ROWS = ["sparsegpt:uniform", "sparsegpt:owl", "sparsegpt:sensitivity", "wanda:un
         "wanda:sensitivity", "owl-grid", "sparsegpt:owl-tuned", "wanda:owl-tuned", "search", "sweep"]
 OWL_M, OWL_LAMBDA = (3.0, 5.0, 7.0, 10.0, 20.0), (0.02, 0.05, 0.08, 0.12)
 HELD_OUT = 16  # calibration windows after the 64 used for calibration: OWL's grid is scored on them
-TARGET, LIMIT, SWEEP_STEP = 0.7, 0.10, 0.02
+TARGET, LIMIT, SWEEP_STEP, SWEEP_START = 0.7, 0.10, 0.02, 0.5
 COMMON = "--model sample --sparsity 0.7 --nsamples 64 --seqlen 512 --eval --threads 2"
 
 
@@ -152,17 +153,20 @@ class Bench:
                 "candidates": found.to_dict()["candidates"]}
 
     def run_sweep(self) -> dict:
+        """Wanda from scratch on the 2 % grid, from SWEEP_START down to the first point within the limit,
+        and one point further (perplexity must keep falling: the first passing point is the best)."""
         dense = self.dense_perplexity()
-        points, failures, step = [], 0, 1
-        started = time.perf_counter()
-        while failures < 2 and step * SWEEP_STEP < 0.95:
+        points, started = [], time.perf_counter()
+        step = round(SWEEP_START / SWEEP_STEP)
+        while step > 0 and sum(p["increase"] <= LIMIT for p in points) < 2:
             sparsity = round(step * SWEEP_STEP, 4)
             model, tokenizer = self.fresh_model()
             sparsellm.prune(model, tokenizer, method="wanda", sparsity=sparsity)
             ppl = perplexity(model, tokenizer).perplexity
             points.append({"sparsity": sparsity, "perplexity": ppl, "increase": ppl / dense - 1})
-            failures = failures + 1 if ppl > dense * (1 + LIMIT) else 0
-            step += 1
+            print(json.dumps(points[-1]), flush=True)
+            step -= 1
+        points.sort(key=lambda p: p["sparsity"])
         passing = [p["sparsity"] for p in points if p["increase"] <= LIMIT]
         return {"row": "sweep", "points": points, "best": max(passing, default=0.0),
                 "seconds": time.perf_counter() - started}
@@ -219,7 +223,7 @@ def tables(results: dict) -> str:
                            for i, c in enumerate(s["candidates"], 1)])
     if "sweep" in results:
         w = results["sweep"]
-        lines += ["", f"Exhaustive sweep (`{w['command']}` for S = 0.02, 0.04, ...): best sparsity within "
+        lines += ["", f"Exhaustive sweep (`{w['command']}` for S = 0.50, 0.48, ...): best sparsity within "
                       f"+10 %: {w['best']:.2f}; {w['seconds']:.0f} s in all.", ""]
         lines += markdown(["sparsity", *(f"{p['sparsity']:.2f}" for p in w["points"])],
                           [["perplexity", *(f"{p['perplexity']:.2f}" for p in w["points"])],
