@@ -5,8 +5,8 @@ from html.parser import HTMLParser
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 
+import sparsellm
 from sparsellm.cli import main
 from sparsellm.recipe import RECIPE_FILE, Recipe
 from sparsellm.report import REPORT_FILE
@@ -19,7 +19,8 @@ def run_cli(capsys, *argv):
 
 
 def same_weights(a, b) -> bool:
-    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    """The weights two folders rebuild (compact folders are decoded) are identical, bit for bit."""
+    left, right = sparsellm.load(a).state_dict(), sparsellm.load(b).state_dict()
     return left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
 
 
@@ -131,3 +132,22 @@ def test_a_table_from_the_command_line_is_kept_inline_in_the_recipe(llama_folder
     assert run_cli(capsys, "prune", "--recipe", str(tmp_path / "o" / RECIPE_FILE), "--output",
                    str(tmp_path / "again"))[0] == 0
     assert same_weights(tmp_path / "o", tmp_path / "again")
+
+
+def test_quantization_and_format_in_a_recipe_match_the_flags(llama_folder, tmp_path, capsys):
+    flags = ["--model", str(llama_folder), "--method", "wanda", "--pattern", "2:4", "--allocation", "owl",
+             "--owl-lambda", "0.3", "--nsamples", "4", "--seqlen", "64", "--bits", "4", "--group-size", "32",
+             "--asym", "--format", "dense", "--dtype", "bfloat16"]
+    assert run_cli(capsys, "prune", *flags, "--output", str(tmp_path / "flags"))[0] == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(llama_folder), "method": "wanda", "pattern": "2:4", "allocation": "owl",
+        "allocation_options": {"lam": 0.3}, "calibration": {"nsamples": 4, "seqlen": 64},
+        "quantization": {"bits": 4, "group_size": 32, "symmetric": False}, "format": "dense",
+        "save_dtype": "bfloat16"}))
+    code, _, err = run_cli(capsys, "prune", "--recipe", str(recipe), "--output", str(tmp_path / "recipe"))
+    assert code == 0, err
+    assert same_weights(tmp_path / "flags", tmp_path / "recipe")
+    metadata = json.loads((tmp_path / "recipe" / "sparsity.json").read_text())
+    assert metadata["quantization"]["bits"] == 4 and metadata["recipe"]["format"] == "dense"
+    assert {layer["pattern"] for layer in metadata["layers"]} <= {"1:4", "2:4", "3:4", "dense"}

@@ -7,7 +7,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from .errors import SparseLLMError
 from .logging_utils import logger
 
 METADATA_FILE = "sparsity.json"
+RECIPE_FILE = "recipe.yaml"
 
 
 def versions() -> dict:
@@ -60,8 +61,14 @@ def atomic_folder(output: str | os.PathLike, overwrite: bool = False) -> Iterato
 
 
 def write_metadata(folder: str | os.PathLike, metadata: dict) -> None:
+    """sparsity.json, and the job's recipe as recipe.yaml when the metadata holds one."""
     with open(Path(folder) / METADATA_FILE, "w") as handle:
         json.dump(metadata | {"versions": versions()}, handle, indent=2)
+    if "recipe" in metadata:
+        import yaml
+
+        (Path(folder) / RECIPE_FILE).write_text(yaml.safe_dump(metadata["recipe"], sort_keys=False,
+                                                               default_flow_style=None))
 
 
 def read_metadata(folder: str | os.PathLike) -> dict | None:
@@ -72,17 +79,42 @@ def read_metadata(folder: str | os.PathLike) -> dict | None:
         return json.load(handle)
 
 
+FORMATS = ("compact", "dense")
+
+
 def save(model, tokenizer, output: str | os.PathLike, metadata: dict | None = None,
-         overwrite: bool = False, files: Mapping[str, str] | None = None) -> Path:
-    """Save an HF folder (safetensors, config, tokenizer) plus sparsity.json and any extra text
-    ``files`` (name -> content, such as the recipe), atomically."""
+         overwrite: bool = False, format: str = "compact", dtype=None) -> Path:
+    """Save an HF folder (safetensors, config, tokenizer) plus sparsity.json, atomically.
+
+    ``format="compact"`` packs the pruned (and quantized) layers so the size follows the sparsity
+    (see ``sparsellm.format``; load it with ``sparsellm.load``); ``"dense"`` writes every weight as
+    is, for plain ``from_pretrained``. ``dtype`` (e.g. "bfloat16") converts the saved floats.
+    """
+    from .models import parse_dtype
+
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if format == "compact":
+        from .format import compact
+
+        return compact.save(model, tokenizer, output, metadata, overwrite, dtype)
+    if format != "dense":
+        raise SparseLLMError(f"unknown format '{format}': use {' or '.join(FORMATS)}")
     with atomic_folder(output, overwrite) as staging:
-        model.save_pretrained(staging, max_shard_size="2GB")  # offloaded models are gathered shard by shard
+        if dtype is None:
+            model.save_pretrained(staging, max_shard_size="2GB")  # offloaded models are gathered shard by shard
+        else:
+            from .format.layout import cast
+            from .offload import state_tensors
+
+            tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # written once, by their source
+            converted = {name: cast(name, tensor, dtype) for name, tensor in state_tensors(model) if name not in tied}
+            model.save_pretrained(staging, max_shard_size="2GB", state_dict=converted)
+            config = json.loads((staging / "config.json").read_text())
+            (staging / "config.json").write_text(json.dumps(config | {"dtype": str(dtype).removeprefix("torch.")},
+                                                            indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if metadata is not None:
             write_metadata(staging, metadata)
-        for name, text in (files or {}).items():
-            (staging / name).write_text(text)
     logger.info("saved %s", output)
     return Path(output)

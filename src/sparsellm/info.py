@@ -1,4 +1,8 @@
-"""What is inside a model folder: per-layer shape, dtype, sparsity and bytes, read tensor by tensor."""
+"""What is inside a model folder: per-layer shape, dtype, sparsity and bytes, read tensor by tensor.
+
+For a compact folder the table comes from its manifest: each layer's layout, bits, and bytes on
+disk next to the bytes the same weights take dense.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ class TensorInfo:
     dtype: str
     sparsity: float
     bytes: int
+    layout: str = "dense"
+    bits: int | None = None  # of each stored value: the dtype's, or the quantization's
+    dense_bytes: int | None = None  # the same weights stored dense, in ``dtype``
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -56,13 +63,37 @@ def tensor_table(folder: str | os.PathLike) -> list[TensorInfo]:
     return rows
 
 
+def compact_table(folder: str | os.PathLike) -> list[TensorInfo]:
+    """One row per linear layer of a compact folder, from its manifest (no weights are read)."""
+    from .format.compact import CompactFolder
+
+    with CompactFolder(folder) as compact:
+        layers = compact.layers
+    rows = []
+    for name, layer in layers.items():
+        numel = layer["shape"][0] * layer["shape"][1]
+        quantization = layer["quantization"]
+        rows.append(TensorInfo(
+            f"{name}.weight", tuple(layer["shape"]), layer["dtype"], 1 - layer["nonzeros"] / max(numel, 1),
+            layer["bytes"], layer["layout"] + (f" {layer['pattern']}" if layer["layout"] == "sparse-nm" else ""),
+            quantization["bits"] if quantization else getattr(torch, layer["dtype"]).itemsize * 8,
+            layer["dense_bytes"]))
+    return rows
+
+
 def summary(folder: str | os.PathLike) -> dict:
-    rows = tensor_table(folder)
+    from .format.compact import is_compact
+
+    compact = Path(folder).is_dir() and is_compact(folder)
+    rows = compact_table(folder) if compact else tensor_table(folder)
     metadata = read_metadata(folder) or {}
     weights = [r for r in rows if r.sparsity > 0]
     numel = sum(torch.Size(r.shape).numel() for r in weights)
     return {
         "folder": str(folder),
+        "format": "compact" if compact else "dense",
+        "bytes": sum(r.bytes for r in rows),
+        "dense_bytes": sum(r.dense_bytes or r.bytes for r in rows),
         "method": metadata.get("method"),
         "pattern": metadata.get("pattern"),
         "pruned_layers": len(weights),

@@ -19,10 +19,22 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, disable=disable, file=sys.stderr, **kwargs)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (it may be replaced after configure)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure(verbosity: int = 0) -> None:
     """Route sparsellm's log to stderr: 0 = info, 1 = debug, -1 = warnings only."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
     logger.handlers[:] = [handler]
     logger.setLevel(level)

@@ -192,9 +192,20 @@ def load_model(
     if offload_folder is not None:
         kwargs.update(device_map="auto", offload_folder=str(offload_folder), max_memory=max_memory,
                       offload_state_dict=True)
+    from .format import compact
+
+    packed = source.kind == "folder" and compact.is_compact(source.location)
+    if packed and offload_folder is not None:
+        raise SparseLLMError(f"{source.location} is a compact folder, which loads into memory; to offload, "
+                             "save it in format dense first")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+        if packed:
+            model = compact.load(source.location, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.location)
+    except SparseLLMError:
+        raise
     except OSError as exc:
         if source.kind == "hub":
             raise OfflineError(f"cannot fetch '{source.location}' from the Hugging Face Hub: {_first_line(exc)}") from exc

@@ -80,3 +80,12 @@ def _write_back(weights_map, name: str, tensor: torch.Tensor) -> None:
         loader.save_folder = tempfile.mkdtemp(prefix="sparsellm-offload-")
     loader.index.pop(key, None)
     offload_weight(tensor.detach().cpu(), key, loader.save_folder, index=loader.index)
+
+
+def state_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every entry of the state dict, one at a time; offloaded ones read from disk."""
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type == "meta":
+            module_name, _, local = name.rpartition(".")
+            tensor = model.get_submodule(module_name)._hf_hook.weights_map[local]
+        yield name, tensor

@@ -4,7 +4,7 @@ Every output folder keeps the recipe that made it (``recipe.yaml``), with every 
 (method and allocation defaults written out), so running it again reproduces the same weights::
 
     model: sample
-    dtype: float32
+    compute_dtype: float32
     method: sparsegpt
     method_options: {blocksize: 128, percdamp: 0.01}
     pattern: unstructured
@@ -15,6 +15,9 @@ Every output folder keeps the recipe that made it (``recipe.yaml``), with every 
     calibration: {data: builtin, nsamples: 64, seqlen: 512, seed: 0, sampling: consecutive, batch_size: 8}
     evaluation: {enabled: true, data: builtin, seqlen: 512, windows: 32, batch_size: 4}
     target: {max_ppl_increase: null, search_step: 0.01}
+    quantization: {bits: null, group_size: 128, symmetric: true}
+    format: compact
+    save_dtype: null
 """
 
 from __future__ import annotations
@@ -26,23 +29,26 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint, evaluation, models
+from .checkpoint import RECIPE_FILE
 from .errors import SparseLLMError
 from .logging_utils import logger
 from .weights import oneshot, search
 from .weights.allocation import get_allocation
 from .weights.base import get_method
+from .weights.quant import QuantScheme
 
-RECIPE_FILE = "recipe.yaml"
 CALIBRATION = {"data": "builtin", "nsamples": 64, "seqlen": 512, "seed": 0, "sampling": "consecutive",
                "batch_size": 8}
 EVALUATION = {"enabled": False, "data": "builtin", "seqlen": 512, "windows": 32, "batch_size": 4}
 TARGET = {"max_ppl_increase": None, "search_step": 0.01}
+QUANTIZATION = {"bits": None, "group_size": 128, "symmetric": True}
+SECTIONS = {"calibration": CALIBRATION, "evaluation": EVALUATION, "target": TARGET, "quantization": QUANTIZATION}
 
 
 @dataclass
 class Recipe:
     model: str
-    dtype: str = "float32"
+    compute_dtype: str = "float32"
     method: str = "sparsegpt"
     method_options: dict = field(default_factory=dict)
     pattern: str = "unstructured"
@@ -53,9 +59,12 @@ class Recipe:
     calibration: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     target: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)
+    format: str = "compact"
+    save_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        for name, defaults in (("calibration", CALIBRATION), ("evaluation", EVALUATION), ("target", TARGET)):
+        for name, defaults in SECTIONS.items():
             section = getattr(self, name) or {}
             if not isinstance(section, dict):
                 raise SparseLLMError(f"recipe: '{name}' must be a mapping")
@@ -103,7 +112,10 @@ class Recipe:
         checkpoint.check_output(output, overwrite)
         method = get_method(self.method, **self.method_options)
         strategy = get_allocation(self.allocation, **self.allocation_options)
-        model, tokenizer = models.load_model(self.model, dtype=self.dtype, offload_folder=offload_folder,
+        scheme = QuantScheme(**self.quantization) if self.quantization["bits"] else None
+        if self.format not in checkpoint.FORMATS:
+            raise SparseLLMError(f"recipe: unknown format '{self.format}': use {' or '.join(checkpoint.FORMATS)}")
+        model, tokenizer = models.load_model(self.model, dtype=self.compute_dtype, offload_folder=offload_folder,
                                              max_memory=max_memory)
         calib, ev, target = self.calibration, self.evaluation, self.target
         eval_kwargs = {"data": ev["data"], "seqlen": ev["seqlen"], "max_windows": ev["windows"] or None,
@@ -112,7 +124,8 @@ class Recipe:
                   "allocation": strategy,
                   "calib": calib["data"], "nsamples": calib["nsamples"], "seqlen": calib["seqlen"],
                   "seed": calib["seed"], "sampling": calib["sampling"], "ignore": self.ignore,
-                  "device": device, "batch_size": calib["batch_size"], **self.method_options}
+                  "device": device, "batch_size": calib["batch_size"], "quantization": scheme,
+                  **self.method_options}
         metadata: dict = {"model": str(self.model)}
         if target["max_ppl_increase"] is not None:
             if self.sparsity is not None:
@@ -132,9 +145,9 @@ class Recipe:
                 after = evaluation.perplexity(model, tokenizer, **eval_kwargs)
                 metadata["evaluation"] = {"dense": before.to_dict(), "pruned": after.to_dict()}
         # written out after the run: some defaults (the sensitivity levels) are resolved by it
-        resolved = Recipe(**(self.to_dict() | {"method_options": asdict(method),
-                                               "allocation_options": strategy.options()}))
-        checkpoint.save(model, tokenizer, output, metadata, overwrite=overwrite,
-                        files={RECIPE_FILE: resolved.to_yaml()})
+        metadata["recipe"] = Recipe(**(self.to_dict() | {"method_options": asdict(method),
+                                                         "allocation_options": strategy.options()})).to_dict()
+        checkpoint.save(model, tokenizer, output, metadata, overwrite=overwrite, format=self.format,
+                        dtype=self.save_dtype)
         logger.info("recipe saved as %s", Path(output) / RECIPE_FILE)
         return metadata

@@ -7,9 +7,9 @@ import sys
 
 from ..errors import SparseLLMError
 from ..logging_utils import configure, logger
-from . import evaluate, info, prune, report
+from . import compress, evaluate, info, prune, report
 
-COMMANDS = [prune, evaluate, info, report]
+COMMANDS = [prune, evaluate, info, compress, report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""sparsellm prune: load, prune layer by layer, save an HF folder with sparsity.json and recipe.yaml.
+"""sparsellm prune: load, prune (and quantize) layer by layer, save a compact or dense folder with
+sparsity.json and recipe.yaml.
 
 Every option of the job lives in a ``Recipe``; flags given on the command line override the
 values of ``--recipe FILE`` (or the recipe defaults), so flags and recipes run the same code.
@@ -8,23 +9,24 @@ from __future__ import annotations
 
 import argparse
 
-from .. import models
+from .. import checkpoint, models
 from ..errors import SparseLLMError
 from ..recipe import Recipe
 from ..weights import METHODS
 from ..weights.allocation import ALLOCATIONS
 from ..weights.allocation.table import read_table
-from .common import add_eval, add_model, add_runtime, emit
+from .common import add_eval, add_model, add_quantization, add_runtime, emit
 
 # flag (argparse dest) -> where its value goes in the recipe
 RECIPE_FLAGS = {
-    "model": "model", "dtype": "dtype", "method": "method", "sparsity": "sparsity", "pattern": "pattern",
-    "allocation": "allocation", "ignore": "ignore",
+    "model": "model", "load_dtype": "compute_dtype", "method": "method", "sparsity": "sparsity",
+    "pattern": "pattern", "allocation": "allocation", "ignore": "ignore", "format": "format", "dtype": "save_dtype",
     "calib": "calibration.data", "nsamples": "calibration.nsamples", "seqlen": "calibration.seqlen",
     "seed": "calibration.seed", "sampling": "calibration.sampling", "batch_size": "calibration.batch_size",
     "eval": "evaluation.enabled", "eval_data": "evaluation.data", "eval_seqlen": "evaluation.seqlen",
     "eval_windows": "evaluation.windows", "eval_batch_size": "evaluation.batch_size",
     "max_ppl_increase": "target.max_ppl_increase", "search_step": "target.search_step",
+    "bits": "quantization.bits", "group_size": "quantization.group_size", "symmetric": "quantization.symmetric",
     "per_row": "method_options.per_row", "blocksize": "method_options.blocksize",
     "percdamp": "method_options.percdamp",
     "owl_m": "allocation_options.m", "owl_lambda": "allocation_options.lam",
@@ -43,12 +45,13 @@ def _levels(text: str) -> list[float]:
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "prune", help="prune a model one-shot (magnitude, Wanda, SparseGPT; uniform, OWL, sensitivity allocation)",
+        "prune", help="prune (and quantize) a model one-shot: magnitude, Wanda, SparseGPT; uniform, OWL, "
+                      "sensitivity or table allocation; or a perplexity target",
         description="Prune every linear layer of the decoder blocks, one block at a time. Flags override the "
                     "values of --recipe; the output folder keeps the resolved recipe as recipe.yaml.")
     keep = argparse.SUPPRESS  # only flags actually given reach the recipe
     parser.add_argument("--recipe", help="a YAML recipe holding the whole job (see recipe.yaml in any output)")
-    add_model(parser, recipe=True)
+    add_model(parser, dtype_flag="--compute-dtype", recipe=True)
     parser.add_argument("--method", default=keep, choices=sorted(METHODS), help="default sparsegpt")
     parser.add_argument("--sparsity", type=float, default=keep,
                         help="target fraction of weights to prune, in [0, 1) (implied by an N:M pattern)")
@@ -85,7 +88,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--percdamp", type=float, default=keep,
                         help="SparseGPT dampening, share of mean diag(H) (default 0.01)")
     parser.add_argument("--batch-size", type=int, default=keep, help="calibration windows per forward pass (default 8)")
+    add_quantization(parser, recipe=True)
     parser.add_argument("--output", required=True, help="folder for the pruned model")
+    parser.add_argument("--format", default=keep, choices=checkpoint.FORMATS,
+                        help="compact: packed sparse layers, size follows sparsity (default); dense: zeros stored, "
+                             "loads with plain from_pretrained")
+    parser.add_argument("--dtype", default=keep, choices=["bfloat16", "float16", "float32"],
+                        help="dtype of the saved weights (default: as computed, --compute-dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--eval", action="store_true", default=keep, help="measure perplexity before and after pruning")
     add_eval(parser, prefix="eval-", recipe=True)
@@ -124,7 +133,7 @@ def _max_memory(args: argparse.Namespace) -> dict | None:
 
 
 def load(args: argparse.Namespace):
-    return models.load_model(args.model, dtype=args.dtype, offload_folder=args.offload_folder,
+    return models.load_model(args.model, dtype=args.load_dtype, offload_folder=args.offload_folder,
                              max_memory=_max_memory(args))
 
 
@@ -138,9 +147,12 @@ def run(args: argparse.Namespace) -> int:
                      f"{candidate['perplexity']:.3f} ({100 * candidate['increase']:+.2f} %)  "
                      f"{'ok' if candidate['accepted'] else 'over the limit'}")
     if "layers" in metadata:
+        scheme = metadata.get("quantization")
         lines.append(f"pruned {len(metadata['layers'])} layers with {metadata['method']} {metadata['pattern']} "
-                     f"({metadata['allocation']['name']} allocation): sparsity {metadata['achieved_sparsity']:.4f} "
-                     f"in {metadata['seconds']:.1f} s -> {args.output}")
+                     f"({metadata['allocation']['name']} allocation)"
+                     + (f" + {scheme['bits']}-bit" if scheme else "")
+                     + f": sparsity {metadata['achieved_sparsity']:.4f} in {metadata['seconds']:.1f} s "
+                     f"-> {args.output} ({recipe.format})")
     else:
         lines.append(f"no sparsity meets the target; the dense model was saved -> {args.output}")
     if "evaluation" in metadata:

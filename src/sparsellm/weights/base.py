@@ -85,10 +85,16 @@ class InputStatistics:
 
 @dataclass
 class PruningMethod:
-    """Base class: subclasses set ``name`` and ``needs`` and implement ``prune``."""
+    """Base class: subclasses set ``name`` and ``needs`` and implement ``prune``.
+
+    A method that can quantize the weights it keeps inside its own solve (SparseGPT's joint mode)
+    sets ``joint_quantization`` and accepts ``quantizer=`` in ``prune``; others are followed by a
+    masked GPTQ pass when quantization is asked for.
+    """
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    joint_quantization: ClassVar[bool] = False
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
               pattern: Pattern) -> torch.Tensor:

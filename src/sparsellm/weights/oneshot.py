@@ -3,6 +3,10 @@
 Block by block (see ``engine``): gather the statistics the method needs for all linear layers of
 the block in one pass over the calibration windows, prune each layer, then re-run the pruned block
 so the next block calibrates on what the pruned model really produces.
+
+With a ``QuantScheme`` the kept weights are also quantized: inside SparseGPT's sweep (joint mode),
+or by a masked GPTQ pass right after methods that cannot. Each quantized layer remembers its grid
+(``quant.attach_grid``) so a compact save stores integer codes.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from ..errors import SparseLLMError
 from ..logging_utils import logger
 from ..models import in_features, set_weight_matrix, weight_matrix
 from .allocation import Allocation, LayerSlot, Plan, dense_pass, get_allocation, layer_slots, realize
-from .base import InputStatistics, get_method
+from .base import HESSIAN, InputStatistics, get_method
+from .gptq import quantize_masked
 from .masks import Pattern, check_sparsity
+from .quant import LayerQuantizer, QuantScheme, attach_grid
 
 
 @dataclass
@@ -47,6 +53,7 @@ class PruneReport:
     layers: list[LayerResult] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    quantization: dict | None = None  # QuantScheme fields and how it was applied (joint / gptq)
 
     @property
     def achieved_sparsity(self) -> float:
@@ -136,7 +143,7 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
           sampling: str = "consecutive", ignore: Sequence[str] = (),
           layer_sparsity: Mapping[str, float] | None = None,
           statistics: Mapping[str, InputStatistics] | None = None, device: str | None = None,
-          batch_size: int = 8, **method_options) -> PruneReport:
+          batch_size: int = 8, quantization: QuantScheme | None = None, **method_options) -> PruneReport:
     """Prune every linear layer inside the decoder blocks of ``model``, in place.
 
     ``pattern`` is ``"unstructured"`` or ``"N:M"`` (N kept of every M inputs; it implies the
@@ -147,7 +154,9 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
     overrides the sparsity of the named layers. Methods that need calibration data (Wanda,
     SparseGPT) read ``nsamples`` windows of ``seqlen`` tokens from ``calib``; ``statistics`` (from
     ``allocation.dense_pass(..., keep=True)``) replaces that pass with precomputed statistics of
-    the dense model. Embeddings and the LM head are never pruned.
+    the dense model. Embeddings and the LM head are never pruned. ``quantization`` also quantizes
+    the kept weights of every pruned layer (jointly inside SparseGPT, else GPTQ on the pruned
+    weights; both need calibration data).
     """
     started = time.perf_counter()
     pattern = Pattern.parse(pattern)
@@ -157,7 +166,8 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
     slots = layer_slots(model, ignore)
     for slot in slots:
         pattern.check_width(slot.columns, slot.name)
-    calibrate = bool(algorithm.needs) and statistics is None
+    needs = algorithm.needs | ({HESSIAN} if quantization is not None else set())
+    calibrate = bool(needs) and statistics is None
     windows, calibration = None, None
     if calibrate or strategy.needs_pass:
         if tokenizer is None:
@@ -175,6 +185,9 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
     report = PruneReport(method, {"name": method} | asdict(algorithm), str(pattern), sparsity, calibration,
                          {"name": strategy.name, "options": strategy.options(), "statistics": strategy.statistics(),
                           "seconds": allocation_seconds})
+    joint = quantization is not None and algorithm.joint_quantization
+    if quantization is not None:
+        report.quantization = quantization.to_dict() | {"applied": "joint" if joint else "gptq"}
     if not calibrate:
         windows = None
 
@@ -184,10 +197,9 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
         pruned_layers = {name: layers[name] for name, target in targets.items() if target > 0}
         stats = {}
         if windows is not None and pruned_layers:
-            stats = step.collect(lambda name, module: InputStatistics(in_features(module), algorithm.needs),
-                                 pruned_layers)
+            stats = step.collect(lambda name, module: InputStatistics(in_features(module), needs), pruned_layers)
         elif statistics is not None:
-            stats = {name: _cached(statistics, name, algorithm.needs) for name in pruned_layers}
+            stats = {name: _cached(statistics, name, needs) for name in pruned_layers}
         solve_started = time.perf_counter()
         results = {}
         for name in targets.keys() - pruned_layers.keys():  # the allocation keeps these dense
@@ -198,11 +210,20 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
             group_started = time.perf_counter()
             layer_pattern = plan.layer_patterns.get(group[0], pattern)
             dense = [weight_matrix(layers[name]) for name in group]
-            pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]),
-                                           [targets[name] for name in group], layer_pattern)
+            sparsities = [targets[name] for name in group]
+            quantizers = [LayerQuantizer(quantization, *w.shape, w.device) for w in dense] if quantization else None
+            if joint:
+                pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]), sparsities,
+                                               layer_pattern, quantizers=quantizers)
+            else:
+                pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]), sparsities,
+                                               layer_pattern)
+                if quantizers is not None:
+                    pruned = quantize_masked(pruned, stats[group[0]], quantizers)
             seconds = (time.perf_counter() - group_started) / len(group)
-            for name, before, after in zip(group, dense, pruned, strict=True):
+            for index, (name, before, after) in enumerate(zip(group, dense, pruned, strict=True)):
                 set_weight_matrix(layers[name], after)
+                attach_grid(layers[name], quantizers[index].grid() if quantizers else None)
                 probe = stats[name].probe if name in stats else None
                 results[name] = LayerResult(name, tuple(before.shape), targets[name], str(layer_pattern),
                                             (after == 0).float().mean().item(),

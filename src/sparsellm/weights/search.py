@@ -24,9 +24,10 @@ from ..evaluation import perplexity
 from ..logging_utils import logger
 from ..models import decoder_blocks, linear_layers, set_weight_matrix, weight_matrix
 from .allocation import Allocation, dense_pass, get_allocation, layer_slots
-from .base import get_method
+from .base import HESSIAN, get_method
 from .masks import Pattern
 from .oneshot import PruneReport, calibration_windows, prune
+from .quant import QuantScheme
 
 
 @dataclass
@@ -80,7 +81,8 @@ def sparsest_within(model, tokenizer, max_increase: float, *, method: str = "spa
                     nsamples: int = 64, seqlen: int = 512, seed: int = 0, sampling: str = "consecutive",
                     ignore: Sequence[str] = (), eval_data: str | Text = "builtin", eval_seqlen: int = 512,
                     eval_windows: int | None = 32, eval_batch_size: int = 4, device: str | None = None,
-                    batch_size: int = 8, **method_options) -> SearchResult:
+                    batch_size: int = 8, quantization: QuantScheme | None = None,
+                    **method_options) -> SearchResult:
     """Prune ``model`` in place to the sparsest grid point whose perplexity is at most
     (1 + ``max_increase``) x dense; returns every candidate and the final prune's report."""
     if Pattern.parse(pattern).is_nm:
@@ -100,7 +102,8 @@ def sparsest_within(model, tokenizer, max_increase: float, *, method: str = "spa
     slots = layer_slots(model, ignore)
     windows, _ = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed, sampling)
     strategy.prepare(grid[:: max(1, round(0.2 / step))])
-    statistics = dense_pass(model, windows, slots, algorithm.needs | strategy.needs,
+    needs = algorithm.needs | strategy.needs | ({HESSIAN} if quantization is not None else set())
+    statistics = dense_pass(model, windows, slots, needs,
                             strategy.observe if strategy.needs_pass else None, strategy.input_windows,
                             keep=True, batch_size=batch_size, device=device)
     modules = _linear_modules(model)
@@ -116,7 +119,7 @@ def sparsest_within(model, tokenizer, max_increase: float, *, method: str = "spa
         report = prune(model, tokenizer, method=method, sparsity=grid[index], allocation=strategy, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling, ignore=ignore,
                        statistics=statistics if stage == "search" else None, device=device,
-                       batch_size=batch_size, **method_options)
+                       batch_size=batch_size, quantization=quantization, **method_options)
         scored = perplexity(model, tokenizer, **evaluate)
         ppl = scored.perplexity
         accepted = ppl <= limit

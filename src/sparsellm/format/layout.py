@@ -1,0 +1,299 @@
+"""One weight matrix in compact form: which positions are stored (the layout) and how values are stored.
+
+Layouts (positions) and their tensors, named ``<module>.<suffix>`` in the safetensors file:
+
+- ``dense``: every position. Floats are the plain ``<module>.weight``; codes are ``compressed``.
+- ``sparse-bitmask``: ``bitmask`` + ``row_offsets`` (see ``bitmask.py``); values flat, row by row.
+- ``sparse-24-bitmask``: 2:4 as compressed-tensors stores it: ``bitmask``, values (rows, columns / 2).
+- ``sparse-nm``: N:M as pattern numbers, ``patterns`` (see ``nm.py``); values (rows, columns * N / M).
+
+Values are floats in the checkpoint's dtype, or integer codes (``QuantScheme``) packed LSB first
+into ``compressed`` with ``weight_scale`` (float16) and, for asymmetric schemes,
+``weight_zero_point`` (uint8), both (rows, groups). Every layout but plain dense also stores
+``shape`` (int64, [rows, columns]). Values always follow row-major order of the stored positions.
+
+Zeros are positions, not values: -0.0 is rebuilt as +0.0; every other bit pattern (NaN included)
+comes back exactly. Matrices are stored (out, in); a GPT-2 ``Conv1D`` weight, kept (in, out) by
+the model, is stored transposed and flagged ``transposed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import SparseLLMError
+from ..weights.masks import Pattern
+from ..weights.quant import QuantGrid, QuantScheme, dequantize, quantize
+from . import bitmask, nm
+from .bits import (
+    pack_codes,
+    pack_mask,
+    packed_code_bytes,
+    padding_bits_set,
+    patterns_per_byte,
+    unpack_codes,
+    unpack_mask,
+)
+from .manifest import dtype_name
+
+DENSE, BITMASK, BITMASK_24, NM = "dense", "sparse-bitmask", "sparse-24-bitmask", "sparse-nm"
+LAYOUTS = (DENSE, BITMASK, BITMASK_24, NM)
+TWO_FOUR = Pattern(2, 4)
+_SHAPE_BYTES = 16  # the int64 [rows, columns] ``shape`` tensor
+
+
+def layout_bytes(layout: str, shape: tuple[int, int], stored: int, dtype: torch.dtype,
+                 scheme: QuantScheme | None = None, pattern: Pattern | None = None) -> int:
+    """Exact tensor bytes of one matrix in a layout, ``stored`` values (for N:M: rows * columns * N / M)."""
+    rows, columns = shape
+    if scheme is None:
+        value_bytes = stored * dtype.itemsize
+        quant_bytes = 0
+    else:
+        per_row = layout in (DENSE, NM)  # codes are packed row by row; bitmask codes are one flat stream
+        value_bytes = rows * packed_code_bytes(stored // max(rows, 1), scheme.bits) if per_row and rows \
+            else packed_code_bytes(stored, scheme.bits)
+        groups = rows * scheme.groups(columns)
+        quant_bytes = groups * 2 + (0 if scheme.symmetric else groups)
+    if layout == DENSE:
+        return value_bytes + (0 if scheme is None else _SHAPE_BYTES + quant_bytes)
+    mask_bytes = rows * -(-columns // 8)
+    if layout == BITMASK:
+        offset_bytes = rows * (4 if rows * columns < 2**31 else 8)
+        return _SHAPE_BYTES + value_bytes + mask_bytes + offset_bytes + quant_bytes
+    if layout == BITMASK_24:
+        return _SHAPE_BYTES + value_bytes + mask_bytes
+    if layout == NM:
+        pattern_bytes = rows * -(-(columns // pattern.m) // patterns_per_byte(pattern.n, pattern.m))
+        return _SHAPE_BYTES + value_bytes + pattern_bytes + quant_bytes
+    raise ValueError(layout)
+
+
+@dataclass
+class EncodedLayer:
+    """A matrix in compact form: its raw tensors by suffix, and what is needed to read them."""
+
+    name: str  # module name: the tensors are "<name>.<suffix>"
+    layout: str
+    shape: tuple[int, int]  # the stored (out, in) matrix
+    dtype: torch.dtype  # of the rebuilt values
+    stored: int  # values stored (kept weights, plus the explicit zeros N:M groups may need)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    pattern: Pattern = field(default_factory=Pattern)
+    scheme: QuantScheme | None = None
+    transposed: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def stored_mask(self) -> torch.Tensor:
+        """Positions that hold a value, checked against the layout's own bookkeeping."""
+        rows, columns = self.shape
+        if self.layout == DENSE:
+            return torch.ones(rows, columns, dtype=torch.bool)
+        if self.layout == BITMASK:
+            return bitmask.unpack(self.tensors, self.shape, self.stored, self.name)
+        if self.layout == BITMASK_24:
+            packed = self.tensors["bitmask"]
+            if tuple(packed.shape) != (rows, -(-columns // 8)) or padding_bits_set(packed, columns):
+                raise SparseLLMError(f"{self.name}.bitmask: does not fit a {rows}x{columns} weight")
+            keep = unpack_mask(packed, columns)
+            nm.check_24_bitmask(keep, self.name)
+            return keep
+        if self.layout == NM:
+            return nm.unpack(self.tensors, self.shape, self.pattern, self.name)
+        raise SparseLLMError(f"{self.name}: unknown layout '{self.layout}'")
+
+    def stored_values(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored values, row-major over the stored positions, in ``dtype`` (dequantized codes)."""
+        if self.scheme is None:
+            if self.layout == DENSE:
+                weight = self.unpack()
+                return (weight.t() if self.transposed else weight).reshape(-1)
+            values = self.tensors["compressed"]
+            if values.dtype != self.dtype or values.numel() != self.stored:
+                raise SparseLLMError(f"{self.name}.compressed: holds {values.numel()} {values.dtype} values, "
+                                     f"expected {self.stored} {self.dtype}")
+            return values.reshape(-1)
+        rows = self.shape[0]
+        packed = self.tensors["compressed"]
+        per_row = self.layout in (DENSE, NM)
+        expected = (rows, packed_code_bytes(self.stored // max(rows, 1), self.scheme.bits)) if per_row \
+            else (packed_code_bytes(self.stored, self.scheme.bits),)
+        if tuple(packed.shape) != expected or packed.dtype != torch.uint8:
+            raise SparseLLMError(f"{self.name}.compressed: shape {tuple(packed.shape)}, expected {expected} uint8")
+        if per_row:
+            codes = unpack_codes(packed, self.scheme.bits, self.stored // max(rows, 1)).reshape(-1)
+        else:
+            codes = unpack_codes(packed, self.scheme.bits, self.stored)
+        if mask is None and self.layout == BITMASK:
+            mask = self.stored_mask()
+        scale, zero, view = stored_grid(self.grid(), self.layout, self.pattern, self.shape, mask)
+        return dequantize(codes.view(view), scale, zero).to(self.dtype).reshape(-1)
+
+    def grid(self) -> QuantGrid:
+        rows, columns = self.shape
+        groups = self.scheme.groups(columns)
+        scale = self.tensors["weight_scale"]
+        if tuple(scale.shape) != (rows, groups) or scale.dtype != torch.float16 or not bool((scale > 0).all()):
+            raise SparseLLMError(f"{self.name}.weight_scale: expected ({rows}, {groups}) positive float16 scales")
+        if self.scheme.symmetric:
+            zero = torch.full((rows, groups), self.scheme.levels // 2, dtype=torch.uint8)
+        else:
+            zero = self.tensors["weight_zero_point"]
+            if tuple(zero.shape) != (rows, groups) or zero.dtype != torch.uint8 or bool((zero.int() >= self.scheme.levels).any()):
+                raise SparseLLMError(f"{self.name}.weight_zero_point: expected ({rows}, {groups}) codes "
+                                     f"below {self.scheme.levels}")
+        return QuantGrid(self.scheme, scale, zero)
+
+    def unpack(self) -> torch.Tensor:
+        """The dense weight as the model holds it (transposed back for Conv1D), in ``dtype``."""
+        if self.layout == DENSE and self.scheme is None:  # a plain tensor, in the model's own orientation
+            weight = self.tensors["weight"]
+            expected = self.shape[::-1] if self.transposed else self.shape
+            if tuple(weight.shape) != expected or weight.dtype != self.dtype:
+                raise SparseLLMError(f"{self.name}.weight: {weight.dtype} {list(weight.shape)}, expected "
+                                     f"{self.dtype} {list(expected)}")
+            return weight
+        mask = self.stored_mask()
+        dense = _scatter(mask, self.stored_values(mask))
+        return dense.t().contiguous() if self.transposed else dense
+
+
+# Masks, gathers and scatters run on the floats' bit patterns in numpy: exact for every dtype, and
+# much faster than torch's boolean indexing (bfloat16 above all, on CPUs without native support).
+_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+_TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.contiguous().view(_TORCH_BITS[tensor.element_size()]).numpy()
+
+
+def _nonzero(matrix: torch.Tensor) -> np.ndarray:
+    """Where a float matrix is not +-0 (NaN counts as non-zero), from the bits with the sign cleared."""
+    bits = _bits(matrix)
+    return (bits & np.array(np.iinfo(bits.dtype).max, dtype=bits.dtype)) != 0
+
+
+def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A zero matrix with ``values`` at the True positions of ``mask``, row-major."""
+    dense = np.zeros(mask.shape, dtype=_BITS[values.element_size()])
+    dense[mask.numpy()] = _bits(values)
+    return torch.from_numpy(dense).view(values.dtype)
+
+
+def _gather(matrix: torch.Tensor, positions: np.ndarray, keep: np.ndarray) -> torch.Tensor:
+    """Values at ``positions`` (row-major); positions that are not kept give +0.0."""
+    bits = _bits(matrix)
+    if positions is not keep:
+        bits = np.where(keep, bits, 0)
+    return torch.from_numpy(np.ascontiguousarray(bits[positions])).view(matrix.dtype)
+
+
+def stored_grid(grid: QuantGrid, layout: str, pattern: Pattern, shape: tuple[int, int],
+                stored: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Scale and zero point (float32) for the stored values viewed as the returned shape.
+
+    Where every row stores the same number of values per group (dense, N:M) the grids are widened
+    along rows, or broadcast when groups are equal; for a bitmask, one per value from the counts.
+    """
+    rows, columns = shape
+    width, groups = grid.scheme.group_columns(columns), grid.scale.shape[1]
+    scale, zero = grid.scale.float(), grid.zero_point.float()
+    kept, of = (1, 1) if layout == DENSE else (pattern.n, pattern.m) if layout in (NM, BITMASK_24) else (0, 0)
+    if kept and width % of == 0:
+        if columns == groups * width:
+            return scale.unsqueeze(-1), zero.unsqueeze(-1), (rows, groups, width * kept // of)
+        counts = torch.full((groups,), width * kept // of)
+        counts[-1] = (columns - width * (groups - 1)) * kept // of
+        return scale.repeat_interleave(counts, dim=1), zero.repeat_interleave(counts, dim=1), (rows, -1)
+    if stored is None:  # dense: every position
+        stored = torch.ones(rows, columns, dtype=torch.bool)
+    if columns != groups * width:
+        padded = torch.zeros(rows, groups * width, dtype=torch.bool)
+        padded[:, :columns] = stored
+        stored = padded
+    counts = torch.count_nonzero(stored.view(rows, groups, width), dim=-1).flatten()
+    return scale.flatten().repeat_interleave(counts), zero.flatten().repeat_interleave(counts), (-1,)
+
+
+def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A floating tensor in ``dtype`` (None: as is), refusing values that overflow it."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    # One reduction in the source precision: element-wise bf16/fp16 ops are slow on CPUs without them.
+    largest = tensor.detach().abs().amax() if tensor.numel() else tensor.new_zeros(())
+    if bool(largest > torch.finfo(dtype).max) and bool(torch.isfinite(largest)):
+        raise SparseLLMError(f"{name}: values overflow {dtype_name(dtype)}; save in a wider dtype")
+    return tensor.to(dtype)
+
+
+def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patterns: Iterable[Pattern] = (),
+           transposed: bool = False, dtype: torch.dtype | None = None) -> EncodedLayer:
+    """The smallest compact form of an (out, in) ``matrix``, whose values come back in ``dtype``.
+
+    ``patterns`` are N:M patterns the matrix may follow (checked, not trusted). With a ``grid`` the
+    matrix must lie on it exactly (it does after ``sparsellm.prune(..., quantization=...)``); its
+    codes are read off in the matrix's own precision and only decoding uses ``dtype``.
+    """
+    dtype = dtype or matrix.dtype
+    matrix = matrix.contiguous()  # a Conv1D weight arrives as a transposed view
+    if grid is None:
+        matrix = cast(name, matrix, dtype)
+    rows, columns = matrix.shape
+    keep_bits = _nonzero(matrix)
+    keep = torch.from_numpy(keep_bits)
+    scheme = grid.scheme if grid is not None else None
+    nnz = int(np.count_nonzero(keep_bits))
+    candidates = []  # on a tie the first wins: structured layouts suit kernels best
+    for pattern in dict.fromkeys([*patterns, TWO_FOUR]):
+        if nm.fits(keep, pattern):
+            layout = BITMASK_24 if pattern == TWO_FOUR and scheme is None else NM
+            candidates.append((layout, pattern, rows * columns * pattern.n // pattern.m))
+    candidates += [(BITMASK, Pattern(), nnz), (DENSE, Pattern(), rows * columns)]
+    layout, pattern, stored = min(
+        candidates, key=lambda c: layout_bytes(c[0], (rows, columns), c[2], dtype, scheme, c[1]))
+
+    tensors: dict[str, torch.Tensor] = {}
+    if layout == DENSE:
+        positions = None
+        values = _gather(matrix, np.ones_like(keep_bits), keep_bits)  # -0.0 becomes +0.0
+    else:
+        if layout == BITMASK:
+            positions = keep
+            tensors.update(bitmask.pack(keep))
+        else:
+            positions, index = nm.pack(keep, pattern)
+            tensors.update({"bitmask": pack_mask(positions)} if layout == BITMASK_24 else index)
+        values = _gather(matrix, keep_bits if layout == BITMASK else positions.numpy(), keep_bits)
+    if scheme is None:
+        if layout == DENSE:
+            weight = values.view(rows, columns)
+            tensors["weight"] = weight.t().contiguous() if transposed else weight
+        else:
+            tensors["compressed"] = values.view(rows, -1) if layout == BITMASK_24 else values
+    else:
+        scale, zero, view = stored_grid(grid, layout, pattern, (rows, columns), positions)
+        values = values.view(view)
+        codes = quantize(values, scale, zero, scheme.bits)  # stored zeros get code z, which means 0
+        if not torch.equal(dequantize(codes, scale, zero).to(matrix.dtype), values):
+            raise SparseLLMError(f"{name}: the weights are not on their quantization grid "
+                                 "(changed after quantizing?); save with format='dense'")
+        per_row = layout in (DENSE, NM)
+        tensors["compressed"] = pack_codes(codes.view(rows, -1) if per_row else codes, scheme.bits)
+        tensors["weight_scale"] = grid.scale.contiguous()
+        if not scheme.symmetric:
+            tensors["weight_zero_point"] = grid.zero_point.contiguous()
+    if layout != DENSE or scheme is not None:
+        tensors["shape"] = torch.tensor([rows, columns], dtype=torch.int64)
+    return EncodedLayer(name, layout, (rows, columns), dtype, stored, tensors, pattern, scheme, transposed)
