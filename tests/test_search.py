@@ -4,14 +4,18 @@ A random tiny model's perplexity does not rise with pruning, so the perplexity i
 oracle that reads the real pruned weights: it grows with their share of zeros.
 """
 
+import json
 import math
 
 import pytest
 
+from sparsellm.checkpoint import folder_bytes
+from sparsellm.cli import main
+from sparsellm.errors import SparseLLMError
 from sparsellm.evaluation import Perplexity
 from sparsellm.models import decoder_blocks, linear_layers
 from sparsellm.weights import search
-from sparsellm.weights.search import parse_share, sparsest_within
+from sparsellm.weights.search import parse_share, parse_size, sparsest_within
 from tiny import make_model, make_tokenizer
 
 
@@ -59,3 +63,34 @@ def test_search_finds_the_largest_passing_grid_point(monkeypatch, final_is_worse
     assert all(c.accepted == (c.perplexity <= 12.0) for c in result.candidates)
     assert [c.sparsity for c in finals] == ([0.3, 0.25] if final_is_worse else [0.3])
     assert finals[-1].accepted and result.report.achieved_sparsity == pytest.approx(expected, abs=1e-3)
+
+
+def test_parse_size():
+    assert parse_size("60MB") == 60_000_000 and parse_size("1.5 GiB") == 3 * 2**29 and parse_size("512") == 512
+    with pytest.raises(SparseLLMError, match="as a size"):
+        parse_size("big")
+
+
+@pytest.mark.parametrize("extra", [[], ["--allocation", "owl", "--bits", "8", "--dtype", "bfloat16"]])
+def test_size_target_picks_the_least_sparsity_whose_folder_fits(llama_folder, tmp_path, extra):
+    common = ["prune", "--model", str(llama_folder), "--method", "magnitude", "--nsamples", "4", "--seqlen", "32",
+              *extra]
+    dense = tmp_path / "dense"
+    assert main([*common, "--sparsity", "0", "--output", str(dense)]) == 0
+    limit = int(folder_bytes(dense) * 0.8)
+    assert main([*common, "--target-size", str(limit), "--search-step", "0.05", "--output", str(tmp_path / "fit")]) == 0
+    metadata = json.loads((tmp_path / "fit" / "sparsity.json").read_text())
+    chosen = metadata["size_search"]["chosen"]
+    assert folder_bytes(tmp_path / "fit") <= limit and chosen > 0
+    assert metadata["achieved_sparsity"] == pytest.approx(chosen, abs=1e-3)
+    # brute force: one grid point less sparse does not fit
+    less = round(chosen - 0.05, 2)
+    assert main([*common, "--sparsity", str(less), "--output", str(tmp_path / "less")]) == 0
+    assert folder_bytes(tmp_path / "less") > limit
+
+
+def test_a_size_target_that_cannot_be_met_leaves_nothing(llama_folder, tmp_path, capsys):
+    code = main(["prune", "--model", str(llama_folder), "--method", "magnitude", "--target-size", "10KB",
+                 "--output", str(tmp_path / "o")])
+    assert code == 2 and "more than 0.0 MB" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

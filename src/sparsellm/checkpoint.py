@@ -71,6 +71,14 @@ def write_metadata(folder: str | os.PathLike, metadata: dict) -> None:
                                                                default_flow_style=None))
 
 
+def folder_bytes(folder: str | os.PathLike, suffix: str = "") -> int:
+    """Bytes of the files of a model folder (ending in ``suffix``), before the file system's rounding.
+
+    Sub-folders (a report written inside it) are not part of the model.
+    """
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(suffix))
+
+
 def read_metadata(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / METADATA_FILE
     if not path.exists():

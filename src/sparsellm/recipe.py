@@ -14,7 +14,7 @@ Every output folder keeps the recipe that made it (``recipe.yaml``), with every 
     ignore: []
     calibration: {data: builtin, nsamples: 64, seqlen: 512, seed: 0, sampling: consecutive, batch_size: 8}
     evaluation: {enabled: true, data: builtin, seqlen: 512, windows: 32, batch_size: 4}
-    target: {max_ppl_increase: null, search_step: 0.01}
+    target: {max_ppl_increase: null, max_size: null, search_step: 0.01}
     quantization: {bits: null, group_size: 128, symmetric: true}
     format: compact
     save_dtype: null
@@ -40,7 +40,7 @@ from .weights.quant import QuantScheme
 CALIBRATION = {"data": "builtin", "nsamples": 64, "seqlen": 512, "seed": 0, "sampling": "consecutive",
                "batch_size": 8}
 EVALUATION = {"enabled": False, "data": "builtin", "seqlen": 512, "windows": 32, "batch_size": 4}
-TARGET = {"max_ppl_increase": None, "search_step": 0.01}
+TARGET = {"max_ppl_increase": None, "max_size": None, "search_step": 0.01}
 QUANTIZATION = {"bits": None, "group_size": 128, "symmetric": True}
 SECTIONS = {"calibration": CALIBRATION, "evaluation": EVALUATION, "target": TARGET, "quantization": QUANTIZATION}
 
@@ -126,27 +126,45 @@ class Recipe:
                   "seed": calib["seed"], "sampling": calib["sampling"], "ignore": self.ignore,
                   "device": device, "batch_size": calib["batch_size"], "quantization": scheme,
                   **self.method_options}
-        metadata: dict = {"model": str(self.model)}
+        if sum(v is not None for v in (self.sparsity, target["max_ppl_increase"], target["max_size"])) > 1:
+            raise SparseLLMError("give one of a sparsity, a perplexity target or a size target")
+        before = evaluation.perplexity(model, tokenizer, **eval_kwargs) \
+            if ev["enabled"] and target["max_ppl_increase"] is None else None
+
+        def metadata_for(report, extra: dict) -> dict:
+            metadata = {"model": str(self.model)} | (report.to_dict() if report is not None else {}) | extra
+            if before is not None:
+                after = evaluation.perplexity(model, tokenizer, **eval_kwargs)
+                metadata["evaluation"] = {"dense": before.to_dict(), "pruned": after.to_dict()}
+            # written after pruning: some defaults (the sensitivity levels) are resolved by it
+            metadata["recipe"] = Recipe(**(self.to_dict() | {"method_options": asdict(method),
+                                                             "allocation_options": strategy.options()})).to_dict()
+            return metadata
+
+        if target["max_size"] is not None:
+            if self.format != "compact":
+                raise SparseLLMError("a size target counts the compact format's bytes: use format compact")
+            saved: list[dict] = []
+            # candidates are written where the output will be renamed from, so a failed search leaves nothing
+            with checkpoint.atomic_folder(output, overwrite) as staging:
+                def save(report, sizes) -> Path:
+                    saved.append(metadata_for(report, {"size_search": sizes.to_dict()}))
+                    return checkpoint.save(model, tokenizer, staging, saved[-1], overwrite=True, format=self.format,
+                                           dtype=self.save_dtype)
+
+                search.least_within_size(model, tokenizer, search.parse_size(target["max_size"]), save,
+                                         step=target["search_step"], dtype=models.parse_dtype(self.save_dtype)
+                                         if self.save_dtype else None, **common)
+            return saved[-1]
         if target["max_ppl_increase"] is not None:
-            if self.sparsity is not None:
-                raise SparseLLMError("give either a sparsity or a perplexity target, not both")
             found = search.sparsest_within(
                 model, tokenizer, search.parse_share(target["max_ppl_increase"]), step=target["search_step"],
                 eval_data=ev["data"], eval_seqlen=ev["seqlen"], eval_windows=ev["windows"] or None,
                 eval_batch_size=ev["batch_size"], **common)
-            if found.report is not None:
-                metadata |= found.report.to_dict()
-            metadata["search"] = found.to_dict()
+            metadata = metadata_for(found.report, {"search": found.to_dict()})
             metadata["evaluation"] = {"dense": {"perplexity": found.dense_perplexity}, "pruned": found.evaluation}
         else:
-            before = evaluation.perplexity(model, tokenizer, **eval_kwargs) if ev["enabled"] else None
-            metadata |= oneshot.prune(model, tokenizer, sparsity=self.sparsity, **common).to_dict()
-            if before is not None:
-                after = evaluation.perplexity(model, tokenizer, **eval_kwargs)
-                metadata["evaluation"] = {"dense": before.to_dict(), "pruned": after.to_dict()}
-        # written out after the run: some defaults (the sensitivity levels) are resolved by it
-        metadata["recipe"] = Recipe(**(self.to_dict() | {"method_options": asdict(method),
-                                                         "allocation_options": strategy.options()})).to_dict()
+            metadata = metadata_for(oneshot.prune(model, tokenizer, sparsity=self.sparsity, **common), {})
         checkpoint.save(model, tokenizer, output, metadata, overwrite=overwrite, format=self.format,
                         dtype=self.save_dtype)
         logger.info("recipe saved as %s", Path(output) / RECIPE_FILE)

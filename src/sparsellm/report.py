@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # no pyplot: no global state, PNGs through
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FormatStrFormatter
 
-from .checkpoint import METADATA_FILE, atomic_folder, read_metadata
+from .checkpoint import METADATA_FILE, atomic_folder, folder_bytes, read_metadata
 from .errors import SparseLLMError
 from .logging_utils import logger
 
@@ -66,9 +66,7 @@ def load_result(folder: str | os.PathLike, label: str | None = None) -> Result:
     metadata = read_metadata(folder)
     if metadata is None:
         raise SparseLLMError(f"{folder} holds no {METADATA_FILE}: is it a sparsellm output?")
-    files = [p for p in folder.iterdir() if p.is_file()]  # a report/ inside is not part of the model
-    return Result(folder, label or folder.name, metadata, sum(p.stat().st_size for p in files),
-                  sum(p.stat().st_size for p in files if p.suffix == ".safetensors"))
+    return Result(folder, label or folder.name, metadata, folder_bytes(folder), folder_bytes(folder, ".safetensors"))
 
 
 def _layer_kind(name: str) -> str:
@@ -250,6 +248,8 @@ def _table(results: Sequence[Result]) -> str:
         target = m.get("sparsity")
         if m.get("search"):
             target = f"ppl +{100 * m['search']['max_increase']:g} % → {m['search']['chosen']:g}"
+        elif m.get("size_search"):
+            target = f"≤ {m['size_search']['max_bytes'] / 1e6:g} MB → {m['size_search']['chosen']:g}"
         cells = (r.label, m.get("method", "—"), m.get("pattern", "—"), r.allocation["name"],
                  "—" if target is None else (f"{target:g}" if isinstance(target, float) else target),
                  f"{m.get('achieved_sparsity', 0):.4f}", ppl, f"{r.bytes_on_disk / 1e6:.1f}",

@@ -25,7 +25,8 @@ RECIPE_FLAGS = {
     "seed": "calibration.seed", "sampling": "calibration.sampling", "batch_size": "calibration.batch_size",
     "eval": "evaluation.enabled", "eval_data": "evaluation.data", "eval_seqlen": "evaluation.seqlen",
     "eval_windows": "evaluation.windows", "eval_batch_size": "evaluation.batch_size",
-    "max_ppl_increase": "target.max_ppl_increase", "search_step": "target.search_step",
+    "max_ppl_increase": "target.max_ppl_increase", "target_size": "target.max_size",
+    "search_step": "target.search_step",
     "bits": "quantization.bits", "group_size": "quantization.group_size", "symmetric": "quantization.symmetric",
     "per_row": "method_options.per_row", "blocksize": "method_options.blocksize",
     "percdamp": "method_options.percdamp",
@@ -73,7 +74,11 @@ def add_parser(commands) -> None:
                         help="YAML table of layer regex -> sparsity (implies --allocation table)")
     parser.add_argument("--max-ppl-increase", default=keep, metavar="SHARE",
                         help="instead of --sparsity: the sparsest model whose perplexity rises at most this, e.g. 5%%")
-    parser.add_argument("--search-step", type=float, default=keep, help="grid of the sparsity search (default 0.01)")
+    parser.add_argument("--target-size", default=keep, metavar="SIZE",
+                        help="instead of --sparsity: the least sparse model whose compact folder fits in SIZE, "
+                             "e.g. 60MB (KB/MB/GB: powers of 1000; KiB/MiB/GiB: of 1024)")
+    parser.add_argument("--search-step", type=float, default=keep,
+                        help="grid of the sparsity searches (default 0.01)")
     parser.add_argument("--calib", default=keep,
                         help="calibration text: builtin, a .txt file or folder, or a datasets name (online)")
     parser.add_argument("--nsamples", type=int, default=keep, help="calibration windows (default 64)")
@@ -141,7 +146,13 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     metadata = recipe.run(args.output, overwrite=args.overwrite, device=args.device,
                           offload_folder=args.offload_folder, max_memory=_max_memory(args))
-    lines = []
+    lines = [f"candidate: sparsity {c['sparsity']:.3f}  planned {c['planned_bytes'] / 1e6:.2f} MB"
+             + (f"  on disk {c['bytes'] / 1e6:.2f} MB  {'fits' if c['accepted'] else 'too large'}"
+                if c["bytes"] is not None else "")
+             for c in metadata.get("size_search", {}).get("candidates", [])]
+    if "size_search" in metadata:
+        lines.append(f"{args.output}: {checkpoint.folder_bytes(args.output) / 1e6:.2f} MB on disk "
+                     f"(target {metadata['size_search']['max_bytes'] / 1e6:.2f} MB)")
     for candidate in metadata.get("search", {}).get("candidates", []):
         lines.append(f"candidate {candidate['stage']:>6}: sparsity {candidate['sparsity']:.3f}  perplexity "
                      f"{candidate['perplexity']:.3f} ({100 * candidate['increase']:+.2f} %)  "
