@@ -69,7 +69,7 @@ def test_flags_override_the_recipe(pruned, tmp_path, capsys):
     ({"method": "wanda", "sparsity": 0.5, "colour": "red"}, [], "unknown key(s) colour"),
     ({"method": "wanda", "sparsity": 0.5, "calibration": {"samples": 4}}, [], "unknown key(s) in calibration"),
     ({"method": "wanda", "sparsity": 0.5}, ["--percdamp", "0.1"], "bad option for method wanda"),
-    ({"method": "wanda", "sparsity": 0.5, "target": {"max_ppl_increase": "5%"}}, [], "either a sparsity"),
+    ({"method": "wanda", "sparsity": 0.5, "target": {"max_ppl_increase": "5%"}}, [], "give one of a sparsity"),
     ({"method": "wanda", "pattern": "2:4", "target": {"max_ppl_increase": "5%"}}, [], "N:M fixes it"),
     ({"method": "wanda", "target": {"max_ppl_increase": "lots"}}, [], "as a share"),
 ])

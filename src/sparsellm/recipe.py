@@ -112,7 +112,7 @@ class Recipe:
         checkpoint.check_output(output, overwrite)
         method = get_method(self.method, **self.method_options)
         strategy = get_allocation(self.allocation, **self.allocation_options)
-        scheme = QuantScheme(**self.quantization) if self.quantization["bits"] else None
+        scheme = recipe_scheme(self)
         if self.format not in checkpoint.FORMATS:
             raise SparseLLMError(f"recipe: unknown format '{self.format}': use {' or '.join(checkpoint.FORMATS)}")
         model, tokenizer = models.load_model(self.model, dtype=self.compute_dtype, offload_folder=offload_folder,
@@ -169,3 +169,8 @@ class Recipe:
                         dtype=self.save_dtype)
         logger.info("recipe saved as %s", Path(output) / RECIPE_FILE)
         return metadata
+
+
+def recipe_scheme(recipe: Recipe) -> QuantScheme | None:
+    """The recipe's quantization, or None when it does not quantize."""
+    return QuantScheme(**recipe.quantization) if recipe.quantization["bits"] else None

@@ -11,7 +11,7 @@ import argparse
 
 from .. import checkpoint, models
 from ..errors import SparseLLMError
-from ..recipe import Recipe
+from ..recipe import Recipe, recipe_scheme
 from ..weights import METHODS
 from ..weights.allocation import ALLOCATIONS
 from ..weights.allocation.table import read_table
@@ -158,10 +158,10 @@ def run(args: argparse.Namespace) -> int:
                      f"{candidate['perplexity']:.3f} ({100 * candidate['increase']:+.2f} %)  "
                      f"{'ok' if candidate['accepted'] else 'over the limit'}")
     if "layers" in metadata:
-        scheme = metadata.get("quantization")
+        scheme = recipe_scheme(recipe)
         lines.append(f"pruned {len(metadata['layers'])} layers with {metadata['method']} {metadata['pattern']} "
                      f"({metadata['allocation']['name']} allocation)"
-                     + (f" + {scheme['bits']}-bit" if scheme else "")
+                     + (f" + {scheme.describe()}" if scheme else "")
                      + f": sparsity {metadata['achieved_sparsity']:.4f} in {metadata['seconds']:.1f} s "
                      f"-> {args.output} ({recipe.format})")
     else:
