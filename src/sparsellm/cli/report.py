@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from .. import report
-
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
@@ -17,6 +15,8 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    page = report.write_report(args.folders, args.output)
+    from ..report import write_report  # matplotlib only when a report is asked for
+
+    page = write_report(args.folders, args.output)
     print(page)
     return 0
