@@ -7,9 +7,21 @@ from .evaluation import perplexity
 from .format import compress
 from .kernels.model import load
 from .models import load_model
+from .recipe import Recipe
+from .weights.allocation import get_allocation
 from .weights.oneshot import prune
 from .weights.quant import QuantScheme
+from .weights.search import least_within_size, sparsest_within
 
 evaluate = perplexity
 
-__all__ = ["QuantScheme", "compress", "evaluate", "load", "load_model", "perplexity", "prune", "save"]
+__all__ = ["QuantScheme", "Recipe", "compress", "evaluate", "get_allocation", "least_within_size", "load", "load_model",
+           "perplexity", "prune", "save", "sparsest_within", "write_report"]
+
+
+def __getattr__(name: str):
+    if name == "write_report":  # matplotlib is imported only when a report is written
+        from .report import write_report
+
+        return write_report
+    raise AttributeError(f"module 'sparsellm' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from .errors import SparseLLMError
 from .logging_utils import logger
 
 METADATA_FILE = "sparsity.json"
+RECIPE_FILE = "recipe.yaml"
 
 
 def versions() -> dict:
@@ -60,8 +61,22 @@ def atomic_folder(output: str | os.PathLike, overwrite: bool = False) -> Iterato
 
 
 def write_metadata(folder: str | os.PathLike, metadata: dict) -> None:
+    """sparsity.json, and the job's recipe as recipe.yaml when the metadata holds one."""
     with open(Path(folder) / METADATA_FILE, "w") as handle:
         json.dump(metadata | {"versions": versions()}, handle, indent=2)
+    if "recipe" in metadata:
+        import yaml
+
+        (Path(folder) / RECIPE_FILE).write_text(yaml.safe_dump(metadata["recipe"], sort_keys=False,
+                                                               default_flow_style=None))
+
+
+def folder_bytes(folder: str | os.PathLike, suffix: str = "") -> int:
+    """Bytes of the files of a model folder (ending in ``suffix``), before the file system's rounding.
+
+    Sub-folders (a report written inside it) are not part of the model.
+    """
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(suffix))
 
 
 def read_metadata(folder: str | os.PathLike) -> dict | None:

@@ -62,6 +62,24 @@ class Activations:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
+@contextmanager
+def replaced_forwards(blocks: nn.ModuleList, make_forward: Callable[[int], Callable | None]) -> Iterator[None]:
+    """Temporarily give block i the forward ``make_forward(i)`` (None leaves it alone)."""
+    originals = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for index, block in enumerate(blocks):
+            forward = make_forward(index)
+            if forward is not None:
+                block.forward = forward
+        yield
+    finally:
+        for block, original in zip(blocks, originals, strict=True):
+            if original is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = original
+
+
 @torch.no_grad()
 def capture(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> Activations:
     """Record the inputs of block 0 and the keyword inputs of every block, batch by batch."""
@@ -70,7 +88,6 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> Act
     device = _input_device(model)
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = []
-    originals = [block.__dict__.get("forward") for block in blocks]
 
     def recorder(index: int):
         def forward(*args, **kwargs):
@@ -84,19 +101,36 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> Act
             return states
         return forward
 
-    try:
-        for index, block in enumerate(blocks):
-            block.forward = recorder(index)
+    with replaced_forwards(blocks, recorder):
         for start in range(0, len(windows), batch_size):
             with suppress(_Stop):
                 base(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for block, original in zip(blocks, originals, strict=False):
-            if original is None:
-                del block.forward
-            else:
-                block.forward = original
     return Activations(hidden, calls)
+
+
+@torch.no_grad()
+def logits_from(model: nn.Module, index: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``input_ids`` when block ``index`` receives ``hidden`` instead of what the
+    blocks before it would compute (they are skipped; block 0 gets the embeddings, ``hidden`` unused).
+
+    Everything around the blocks (masks, rotary embeddings, final norm, LM head, logit soft-capping)
+    is the model's own code, so this is exact for every family the engine walks.
+    """
+    _, blocks = decoder_blocks(model)
+    device = _input_device(model)
+
+    def skipped(position: int):
+        if position >= index:
+            return None
+
+        def forward(*args, **kwargs):
+            if position == index - 1:
+                return hidden.to(device)
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
+
+    with replaced_forwards(blocks, skipped):
+        return model(input_ids=input_ids.to(device), use_cache=False).logits
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -120,6 +154,7 @@ class BlockStep:
     device: torch.device
     seconds: dict[str, float] = field(default_factory=dict)
     propagated: bool = False
+    model: nn.Module | None = None  # the whole model, for callers that run it from this block on
 
     @property
     def layers(self) -> dict[str, nn.Module]:
@@ -217,7 +252,7 @@ def walk(model: nn.Module, windows: torch.Tensor | None, batch_size: int = 8,
     activations = capture(model, windows, batch_size) if windows is not None else Activations([], [])
     for index in progress(range(len(blocks)), desc=desc, unit="block"):
         with materialized(blocks[index], device) as block:
-            step = BlockStep(index, f"{prefix}.{index}", block, activations, device)
+            step = BlockStep(index, f"{prefix}.{index}", block, activations, device, model=model)
             yield step
             if windows is not None and not step.propagated:
                 step.propagate()

@@ -8,22 +8,28 @@ import json
 import sys
 
 
-def add_model(parser: argparse.ArgumentParser, dtype_flag: str = "--dtype") -> None:
-    parser.add_argument("--model", required=True,
+def add_model(parser: argparse.ArgumentParser, dtype_flag: str = "--dtype", recipe: bool = False) -> None:
+    """``recipe``: the values may come from a recipe file, so flags have no defaults of their own."""
+    parser.add_argument("--model", required=not recipe, default=argparse.SUPPRESS if recipe else None,
                         help="HF folder (dense or compact), .gguf file, hub id (online only), or 'sample' "
                              "(SmolLM2-135M-Instruct)")
-    parser.add_argument(dtype_flag, dest="load_dtype", default="float32",
+    parser.add_argument(dtype_flag, dest="load_dtype", default=argparse.SUPPRESS if recipe else "float32",
                         help="dtype to load and compute in (default float32)")
     parser.add_argument("--offload-folder", help="keep weights on disk here and read one block at a time")
     parser.add_argument("--max-memory", help="with --offload-folder: CPU memory for weights, e.g. 2GB")
 
 
-def add_eval(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    parser.add_argument(f"--{prefix}data", default="builtin",
+def add_eval(parser: argparse.ArgumentParser, prefix: str = "", recipe: bool = False) -> None:
+    def default(value):
+        return argparse.SUPPRESS if recipe else value
+
+    parser.add_argument(f"--{prefix}data", default=default("builtin"),
                         help="evaluation text: builtin, a .txt file or folder, or a datasets name (online)")
-    parser.add_argument(f"--{prefix}seqlen", type=int, default=512, help="tokens per evaluation window")
-    parser.add_argument(f"--{prefix}windows", type=int, default=32, help="windows to score (0: all)")
-    parser.add_argument(f"--{prefix}batch-size", type=int, default=4, help="windows per forward pass")
+    parser.add_argument(f"--{prefix}seqlen", type=int, default=default(512),
+                        help="tokens per evaluation window (default 512)")
+    parser.add_argument(f"--{prefix}windows", type=int, default=default(32), help="windows to score (0: all; default 32)")
+    parser.add_argument(f"--{prefix}batch-size", type=int, default=default(4),
+                        help="windows per forward pass (default 4)")
 
 
 def add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -43,15 +49,18 @@ def emit(args: argparse.Namespace, data: dict, lines: list[str]) -> None:
             print(line)
 
 
-def add_quantization(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bits", type=int, default=None, choices=[2, 4, 8],
+def add_quantization(parser: argparse.ArgumentParser, recipe: bool = False) -> None:
+    def default(value):
+        return argparse.SUPPRESS if recipe else value
+
+    parser.add_argument("--bits", type=int, default=default(None), choices=[2, 4, 8],
                         help="also quantize the kept weights to this many bits (weight-only integers)")
-    parser.add_argument("--group-size", type=int, default=128,
-                        help="with --bits: inputs sharing one scale (0: one scale per output channel)")
+    parser.add_argument("--group-size", type=int, default=default(128),
+                        help="with --bits: inputs sharing one scale (0: one scale per output channel; default 128)")
     symmetry = parser.add_mutually_exclusive_group()
-    symmetry.add_argument("--sym", dest="symmetric", action="store_true", default=True,
+    symmetry.add_argument("--sym", dest="symmetric", action="store_true", default=default(True),
                           help="with --bits: symmetric grid, no zero points (default)")
-    symmetry.add_argument("--asym", dest="symmetric", action="store_false",
+    symmetry.add_argument("--asym", dest="symmetric", action="store_false", default=default(True),
                           help="with --bits: asymmetric grid with a zero point per group")
 
 

@@ -1,101 +1,198 @@
-"""sparsellm prune: load, prune (and quantize) layer by layer, save a compact or dense folder with sparsity.json."""
+"""sparsellm prune: load, prune (and quantize) layer by layer, save a compact or dense folder with
+sparsity.json and recipe.yaml.
+
+Every option of the job lives in a ``Recipe``; flags given on the command line override the
+values of ``--recipe FILE`` (or the recipe defaults), so flags and recipes run the same code.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from .. import checkpoint, evaluation, models
-from ..weights import METHODS, oneshot
-from .common import add_eval, add_model, add_quantization, add_runtime, emit, quantization
+from ..errors import SparseLLMError
+from ..recipe import Recipe, recipe_scheme
+from ..weights import METHODS
+from ..weights.allocation import ALLOCATIONS
+from ..weights.allocation.table import read_table
+from .common import add_eval, add_model, add_quantization, add_runtime, emit
 from .sparsify_activations import add_arguments as add_activation_arguments
 from .sparsify_activations import calibrate as calibrate_activations
 
+# flag (argparse dest) -> where its value goes in the recipe
+RECIPE_FLAGS = {
+    "model": "model", "load_dtype": "compute_dtype", "method": "method", "sparsity": "sparsity",
+    "pattern": "pattern", "allocation": "allocation", "ignore": "ignore", "format": "format", "dtype": "save_dtype",
+    "calib": "calibration.data", "nsamples": "calibration.nsamples", "seqlen": "calibration.seqlen",
+    "seed": "calibration.seed", "sampling": "calibration.sampling", "batch_size": "calibration.batch_size",
+    "eval": "evaluation.enabled", "eval_data": "evaluation.data", "eval_seqlen": "evaluation.seqlen",
+    "eval_windows": "evaluation.windows", "eval_batch_size": "evaluation.batch_size",
+    "max_ppl_increase": "target.max_ppl_increase", "target_size": "target.max_size",
+    "search_step": "target.search_step",
+    "bits": "quantization.bits", "group_size": "quantization.group_size", "symmetric": "quantization.symmetric",
+    "per_row": "method_options.per_row", "blocksize": "method_options.blocksize",
+    "percdamp": "method_options.percdamp",
+    "owl_m": "allocation_options.m", "owl_lambda": "allocation_options.lam",
+    "sensitivity_levels": "allocation_options.levels", "sensitivity_windows": "allocation_options.windows",
+    "sensitivity_granularity": "allocation_options.granularity", "sensitivity_loss": "allocation_options.loss",
+    "table": "allocation_options.rules",
+}
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"levels must be comma-separated numbers, got {text!r}") from exc
+
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("prune", help="prune a model one-shot (magnitude, Wanda, SparseGPT)",
-                                 description="Prune every linear layer of the decoder blocks, one block at a time.")
-    add_model(parser, dtype_flag="--compute-dtype")
-    parser.add_argument("--method", default="sparsegpt", choices=sorted(METHODS))
-    parser.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of weights to prune per layer, in [0, 1) (implied by an N:M pattern)")
-    parser.add_argument("--pattern", default="unstructured", help="unstructured or N:M (N kept of every M), e.g. 2:4")
-    parser.add_argument("--calib", default="builtin",
+    parser = commands.add_parser(
+        "prune", help="prune (and quantize) a model one-shot: magnitude, Wanda, SparseGPT; uniform, OWL, "
+                      "sensitivity or table allocation; or a perplexity target",
+        description="Prune every linear layer of the decoder blocks, one block at a time. Flags override the "
+                    "values of --recipe; the output folder keeps the resolved recipe as recipe.yaml.")
+    keep = argparse.SUPPRESS  # only flags actually given reach the recipe
+    parser.add_argument("--recipe", help="a YAML recipe holding the whole job (see recipe.yaml in any output)")
+    add_model(parser, dtype_flag="--compute-dtype", recipe=True)
+    parser.add_argument("--method", default=keep, choices=sorted(METHODS), help="default sparsegpt")
+    parser.add_argument("--sparsity", type=float, default=keep,
+                        help="target fraction of weights to prune, in [0, 1) (implied by an N:M pattern)")
+    parser.add_argument("--pattern", default=keep, help="unstructured (default) or N:M (N kept of every M), e.g. 2:4")
+    parser.add_argument("--allocation", default=keep, choices=sorted(ALLOCATIONS),
+                        help="how the target is shared among layers (default uniform); with N:M, N varies per block")
+    parser.add_argument("--owl-m", type=float, default=keep, help="OWL outlier threshold M (default 5)")
+    parser.add_argument("--owl-lambda", type=float, default=keep,
+                        help="OWL largest shift of a block's sparsity from the target (default 0.08)")
+    parser.add_argument("--sensitivity-levels", type=_levels, default=keep,
+                        help="sensitivity: comma-separated sparsities to probe (default target-0.1,target,target+0.1)")
+    parser.add_argument("--sensitivity-windows", type=int, default=keep,
+                        help="sensitivity: calibration windows the loss is measured on (default 4)")
+    parser.add_argument("--sensitivity-granularity", choices=["block", "layer"], default=keep,
+                        help="sensitivity: probe whole blocks (default) or single layers")
+    parser.add_argument("--sensitivity-loss", choices=["kl", "nll"], default=keep,
+                        help="sensitivity: KL to the dense model's predictions (default) or the NLL increase")
+    parser.add_argument("--table", default=keep, metavar="FILE",
+                        help="YAML table of layer regex -> sparsity (implies --allocation table)")
+    parser.add_argument("--max-ppl-increase", default=keep, metavar="SHARE",
+                        help="instead of --sparsity: the sparsest model whose perplexity rises at most this, e.g. 5%%")
+    parser.add_argument("--target-size", default=keep, metavar="SIZE",
+                        help="instead of --sparsity: the least sparse model whose compact folder fits in SIZE, "
+                             "e.g. 60MB (KB/MB/GB: powers of 1000; KiB/MiB/GiB: of 1024)")
+    parser.add_argument("--search-step", type=float, default=keep,
+                        help="grid of the sparsity searches (default 0.01)")
+    parser.add_argument("--calib", default=keep,
                         help="calibration text: builtin, a .txt file or folder, or a datasets name (online)")
-    parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
-    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --sampling random")
-    parser.add_argument("--sampling", default="consecutive", choices=["consecutive", "random"],
+    parser.add_argument("--nsamples", type=int, default=keep, help="calibration windows (default 64)")
+    parser.add_argument("--seqlen", type=int, default=keep, help="tokens per calibration window (default 512)")
+    parser.add_argument("--seed", type=int, default=keep, help="seed for --sampling random")
+    parser.add_argument("--sampling", default=keep, choices=["consecutive", "random"],
                         help="calibration windows in order from the start, or drawn at random")
-    parser.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+    parser.add_argument("--ignore", action="append", default=keep, metavar="REGEX",
                         help="leave layers whose name matches dense (repeatable)")
-    parser.add_argument("--per-row", action="store_true", help="magnitude: one threshold per output row")
-    parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
-    parser.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, share of mean diag(H)")
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
-    add_quantization(parser)
+    parser.add_argument("--per-row", action="store_true", default=keep, help="magnitude: one threshold per output row")
+    parser.add_argument("--blocksize", type=int, default=keep, help="SparseGPT column block size (default 128)")
+    parser.add_argument("--percdamp", type=float, default=keep,
+                        help="SparseGPT dampening, share of mean diag(H) (default 0.01)")
+    parser.add_argument("--batch-size", type=int, default=keep, help="calibration windows per forward pass (default 8)")
+    add_quantization(parser, recipe=True)
     parser.add_argument("--output", required=True, help="folder for the pruned model")
-    parser.add_argument("--format", default="compact", choices=checkpoint.FORMATS,
+    parser.add_argument("--format", default=keep, choices=checkpoint.FORMATS,
                         help="compact: packed sparse layers, size follows sparsity (default); dense: zeros stored, "
                              "loads with plain from_pretrained")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+    parser.add_argument("--dtype", default=keep, choices=["bfloat16", "float16", "float32"],
                         help="dtype of the saved weights (default: as computed, --compute-dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--eval", action="store_true", help="measure perplexity before and after pruning")
+    parser.add_argument("--eval", action="store_true", default=keep, help="measure perplexity before and after pruning")
     add_activation_arguments(parser, flag="--activation-sparsity")
-    add_eval(parser, prefix="eval-")
+    add_eval(parser, prefix="eval-", recipe=True)
     add_runtime(parser)
     parser.set_defaults(run=run)
 
 
-def method_options(args: argparse.Namespace) -> dict:
-    if args.method == "magnitude":
-        return {"per_row": args.per_row}
-    if args.method == "sparsegpt":
-        return {"blocksize": args.blocksize, "percdamp": args.percdamp}
-    return {}
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe file (if any) with every flag given on the command line written over it."""
+    given = {dest: value for dest, value in vars(args).items() if dest in RECIPE_FLAGS}
+    if args.recipe:
+        data = Recipe.load(args.recipe).to_dict()
+    elif "model" in given:
+        data = {"model": given["model"]}
+    else:
+        raise SparseLLMError("give --model (or a --recipe)")
+    if "table" in given:
+        given["table"] = read_table(given["table"])
+        given.setdefault("allocation", "table")
+    # options of another method or allocation than the recipe's do not carry over
+    if given.get("method", data.get("method")) != data.get("method"):
+        data["method_options"] = {}
+    if given.get("allocation", data.get("allocation")) != data.get("allocation"):
+        data["allocation_options"] = {}
+    for dest, value in given.items():
+        section, _, key = RECIPE_FLAGS[dest].partition(".")
+        if key:
+            data[section] = dict(data.get(section) or {}) | {key: value}
+        else:
+            data[section] = value
+    return Recipe.from_dict(data)
+
+
+def _max_memory(args: argparse.Namespace) -> dict | None:
+    return {"cpu": args.max_memory} if args.max_memory else None
 
 
 def load(args: argparse.Namespace):
-    max_memory = {"cpu": args.max_memory} if args.max_memory else None
     return models.load_model(args.model, dtype=args.load_dtype, offload_folder=args.offload_folder,
-                             max_memory=max_memory)
+                             max_memory=_max_memory(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint.check_output(args.output, args.overwrite)
-    model, tokenizer = load(args)
-    eval_kwargs = {"data": args.eval_data, "seqlen": args.eval_seqlen,
-                   "max_windows": args.eval_windows or None, "batch_size": args.eval_batch_size}
-    before = evaluation.perplexity(model, tokenizer, **eval_kwargs) if args.eval else None
-    report = oneshot.prune(
-        model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern, calib=args.calib,
-        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, sampling=args.sampling, ignore=args.ignore,
-        device=args.device, batch_size=args.batch_size, quantization=quantization(args), **method_options(args),
-    )
-    after = evaluation.perplexity(model, tokenizer, **eval_kwargs) if args.eval else None
-    metadata = {"model": str(args.model)} | report.to_dict()
-    if args.eval:
-        metadata["evaluation"] = {"dense": before.to_dict(), "pruned": after.to_dict()}
-    checkpoint.save(model, tokenizer, args.output, metadata, overwrite=args.overwrite, format=args.format,
-                    dtype=args.dtype)
-    scheme = quantization(args)
-    lines = [f"pruned {len(report.layers)} layers with {report.method} {report.pattern}"
-             + (f" + {scheme.describe()}" if scheme else "")
-             + f": sparsity {report.achieved_sparsity:.4f} in {report.seconds:.1f} s -> {args.output} ({args.format})"]
-    if args.eval:
-        lines.append(f"perplexity: dense {before.perplexity:.3f} -> pruned {after.perplexity:.3f} "
-                     f"({after.tokens} tokens of {after.data['name']}/{after.data['split']}, "
-                     f"{'BOS first' if after.bos_prepended else 'no BOS'})")
+    recipe = recipe_from_args(args)
+    metadata = recipe.run(args.output, overwrite=args.overwrite, device=args.device,
+                          offload_folder=args.offload_folder, max_memory=_max_memory(args))
+    lines = [f"candidate: sparsity {c['sparsity']:.3f}  planned {c['planned_bytes'] / 1e6:.2f} MB"
+             + (f"  on disk {c['bytes'] / 1e6:.2f} MB  {'fits' if c['accepted'] else 'too large'}"
+                if c["bytes"] is not None else "")
+             for c in metadata.get("size_search", {}).get("candidates", [])]
+    if "size_search" in metadata:
+        lines.append(f"{args.output}: {checkpoint.folder_bytes(args.output) / 1e6:.2f} MB on disk "
+                     f"(target {metadata['size_search']['max_bytes'] / 1e6:.2f} MB)")
+    for candidate in metadata.get("search", {}).get("candidates", []):
+        lines.append(f"candidate {candidate['stage']:>6}: sparsity {candidate['sparsity']:.3f}  perplexity "
+                     f"{candidate['perplexity']:.3f} ({100 * candidate['increase']:+.2f} %)  "
+                     f"{'ok' if candidate['accepted'] else 'over the limit'}")
+    if "layers" in metadata:
+        scheme = recipe_scheme(recipe)
+        lines.append(f"pruned {len(metadata['layers'])} layers with {metadata['method']} {metadata['pattern']} "
+                     f"({metadata['allocation']['name']} allocation)"
+                     + (f" + {scheme.describe()}" if scheme else "")
+                     + f": sparsity {metadata['achieved_sparsity']:.4f} in {metadata['seconds']:.1f} s "
+                     f"-> {args.output} ({recipe.format})")
+    else:
+        lines.append(f"no sparsity meets the target; the dense model was saved -> {args.output}")
+    if "evaluation" in metadata:
+        after = metadata["evaluation"]["pruned"]
+        lines.append(f"perplexity: dense {metadata['evaluation']['dense']['perplexity']:.3f} -> pruned "
+                     f"{after['perplexity']:.3f} ({after['tokens']} tokens of {after['data']['name']}/"
+                     f"{after['data']['split']}, {'BOS first' if after['bos_prepended'] else 'no BOS'})")
     if args.activation_sparsity is not None:
-        activations, activation_lines = calibrate_activations(args, model, tokenizer, args.calib, args.seqlen)
-        activations.write(args.output)
-        lines += activation_lines
-        metadata["activation_sparsity"] = activations.to_dict()
-        if args.eval:
-            activations.attach(model)
-            sparse = evaluation.perplexity(model, tokenizer, **eval_kwargs)
-            activations.detach()
-            metadata["activation_sparsity"]["perplexity"] = sparse.to_dict()
-            lines.append(f"perplexity with {activations.sparsity:.0%} activation sparsity: {sparse.perplexity:.3f}")
+        lines += add_activation_sparsity(args, recipe, metadata)
     emit(args, metadata, lines)
     return 0
+
+
+def add_activation_sparsity(args: argparse.Namespace, recipe: Recipe, metadata: dict) -> list[str]:
+    """Calibrate TEAL thresholds on the saved pruned model (so they see its pruned outputs) and store them."""
+    model, tokenizer = models.load_model(args.output)
+    activations, lines = calibrate_activations(args, model, tokenizer, recipe.calibration["data"],
+                                               recipe.calibration["seqlen"])
+    activations.write(args.output)
+    metadata["activation_sparsity"] = activations.to_dict()
+    if "evaluation" in metadata:
+        ev = recipe.evaluation
+        activations.attach(model)
+        sparse = evaluation.perplexity(model, tokenizer, data=ev["data"], seqlen=ev["seqlen"],
+                                       max_windows=ev["windows"] or None, batch_size=ev["batch_size"])
+        activations.detach()
+        metadata["activation_sparsity"]["perplexity"] = sparse.to_dict()
+        lines.append(f"perplexity with {activations.sparsity:.0%} activation sparsity: {sparse.perplexity:.3f}")
+    return lines

@@ -32,7 +32,7 @@ from ..logging_utils import logger, progress
 from ..models import check_causal_lm, decoder_blocks, linear_layers
 from ..weights.masks import Pattern
 from ..weights.quant import QuantScheme, attach_grid, grid_of
-from .layout import DENSE, EncodedLayer, cast, encode
+from .layout import DENSE, EncodedLayer, cast, encode, layout_bytes, smallest_layout
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -72,6 +72,34 @@ def _pattern_hints(metadata: Mapping | None) -> dict[str, Pattern]:
             if pattern.is_nm:
                 hints[layer["name"]] = pattern
     return hints
+
+
+def planned_bytes(model: nn.Module, nonzeros: Mapping[str, int], patterns: Mapping[str, Pattern],
+                  dtype: torch.dtype | None = None, scheme: QuantScheme | None = None) -> int:
+    """Tensor bytes ``save`` will write for ``model`` once each linear layer named in ``nonzeros`` keeps
+    that many weights (following its N:M pattern in ``patterns``, quantized with ``scheme``).
+
+    Computed before pruning, from shapes alone. Other layers count as stored dense; files other than
+    tensor data (headers, manifest, tokenizer) are not counted. Extra zeros a method leaves only
+    make the real layer smaller.
+    """
+    targets = _linear_weights(model)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    total = 0
+    for name, tensor in model.state_dict().items():
+        if name in tied:
+            continue
+        stored_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        module = targets.get(name)
+        layer = name.removesuffix(".weight")
+        if module is None or tensor.dim() != 2 or layer not in nonzeros:
+            total += tensor.numel() * stored_dtype.itemsize
+            continue
+        shape = tuple(tensor.shape[::-1] if type(module).__name__ == "Conv1D" else tensor.shape)
+        layout, pattern, stored = smallest_layout(shape, nonzeros[layer],
+                                                  [patterns[layer]] if layer in patterns else [], stored_dtype, scheme)
+        total += layout_bytes(layout, shape, stored, stored_dtype, scheme, pattern)
+    return total
 
 
 class _ShardWriter:

@@ -175,6 +175,20 @@ class EncodedLayer:
 # Masks, gathers and scatters run on the floats' bit patterns in numpy: exact for every dtype, and
 # much faster than torch's boolean indexing (bfloat16 above all, on CPUs without native support).
 _BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+def smallest_layout(shape: tuple[int, int], nonzeros: int, patterns: Iterable[Pattern], dtype: torch.dtype,
+                    scheme: QuantScheme | None = None) -> tuple[str, Pattern, int]:
+    """(layout, pattern, stored values) of the smallest form of a matrix with ``nonzeros`` non-zero
+    weights that follows each of the N:M ``patterns``; on a tie the first wins (structured layouts
+    suit kernels best)."""
+    rows, columns = shape
+    candidates = []
+    for pattern in patterns:
+        layout = BITMASK_24 if pattern == TWO_FOUR and scheme is None else NM
+        candidates.append((layout, pattern, rows * columns * pattern.n // pattern.m))
+    candidates += [(BITMASK, Pattern(), nonzeros), (DENSE, Pattern(), rows * columns)]
+    return min(candidates, key=lambda c: layout_bytes(c[0], shape, c[2], dtype, scheme, c[1]))
+
+
 _TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -258,14 +272,8 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
     keep = torch.from_numpy(keep_bits)
     scheme = grid.scheme if grid is not None else None
     nnz = int(np.count_nonzero(keep_bits))
-    candidates = []  # on a tie the first wins: structured layouts suit kernels best
-    for pattern in dict.fromkeys([*patterns, TWO_FOUR]):
-        if nm.fits(keep, pattern):
-            layout = BITMASK_24 if pattern == TWO_FOUR and scheme is None else NM
-            candidates.append((layout, pattern, rows * columns * pattern.n // pattern.m))
-    candidates += [(BITMASK, Pattern(), nnz), (DENSE, Pattern(), rows * columns)]
-    layout, pattern, stored = min(
-        candidates, key=lambda c: layout_bytes(c[0], (rows, columns), c[2], dtype, scheme, c[1]))
+    fitting = [pattern for pattern in dict.fromkeys([*patterns, TWO_FOUR]) if nm.fits(keep, pattern)]
+    layout, pattern, stored = smallest_layout((rows, columns), nnz, fitting, dtype, scheme)
 
     tensors: dict[str, torch.Tensor] = {}
     if layout == DENSE:

@@ -8,7 +8,9 @@ exact share, the remainder is spread deterministically over the groups (see ``sp
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,34 @@ def split_count(fraction: float, sizes: list[int]) -> list[int]:
         counts.append(min(max(target - done, 0), size))
         done += counts[-1]
     return counts
+
+
+def apportion(shares: Sequence[float], weights: Sequence[int], caps: Sequence[int], total: int) -> list[int]:
+    """Whole units per group, each near its (fractional) share, so that sum(units * weights) == total.
+
+    Largest remainders (Hamilton): take the floor of every share, then hand the budget still
+    missing to the groups with the largest fractional parts, one unit each, in rounds (or take
+    units back from the smallest ones when over). A group never goes below 0 or above its cap.
+    With unit weights and shares summing to ``total``, every group is within one unit of its share
+    and the total is exact; with unequal weights the total is the closest the groups allow.
+    """
+    units = [min(max(math.floor(share), 0), cap) for share, cap in zip(shares, caps, strict=True)]
+    remainder = [share - unit for share, unit in zip(shares, units, strict=True)]
+    missing = total - sum(u * w for u, w in zip(units, weights, strict=True))
+    order = sorted(range(len(units)), key=lambda i: (-remainder[i], i))
+    while missing != 0:
+        step = 1 if missing > 0 else -1
+        changed = False
+        for i in order if step > 0 else reversed(order):
+            if 0 <= units[i] + step <= caps[i] and abs(missing - step * weights[i]) < abs(missing):
+                units[i] += step
+                missing -= step * weights[i]
+                changed = True
+                if missing == 0 or (missing > 0) != (step > 0):
+                    break
+        if not changed:
+            break
+    return units
 
 
 def prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -11,7 +11,6 @@ or by a masked GPTQ pass right after methods that cannot. Each quantized layer r
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from ..data import Text, check_context, load_text, token_windows
 from ..errors import SparseLLMError
 from ..logging_utils import logger
 from ..models import in_features, set_weight_matrix, weight_matrix
+from .allocation import Allocation, LayerSlot, Plan, dense_pass, get_allocation, layer_slots, realize
 from .base import HESSIAN, InputStatistics, get_method
 from .gptq import quantize_masked
 from .masks import Pattern, check_sparsity
@@ -47,8 +47,9 @@ class PruneReport:
     method: str
     options: dict
     pattern: str
-    sparsity: float
+    sparsity: float | None
     calibration: dict | None
+    allocation: dict = field(default_factory=lambda: {"name": "uniform", "options": {}})
     layers: list[LayerResult] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -80,24 +81,51 @@ def calibration_windows(model, tokenizer, calib: str | Text = "builtin", nsample
     return windows, description
 
 
-def _targets(names: Sequence[str], sparsity: float, pattern: Pattern, ignore: Sequence[str],
-             layer_sparsity: Mapping[str, float] | None) -> dict[str, float]:
-    ignored = [re.compile(expr) for expr in ignore]
-    targets = {}
-    for name in names:
-        if any(expr.search(name) for expr in ignored):
-            continue
-        target = layer_sparsity.get(name, sparsity) if layer_sparsity else sparsity
-        if target > 0:
-            targets[name] = check_sparsity(target)
-    return targets
+def _check_target(sparsity: float | None, pattern: Pattern, strategy: Allocation) -> float | None:
+    if pattern.is_nm:
+        if sparsity is not None and abs(sparsity - pattern.sparsity) > 1e-9:
+            raise SparseLLMError(f"pattern {pattern} implies sparsity {pattern.sparsity:g}, not {sparsity:g}")
+        return pattern.sparsity
+    if sparsity is None:
+        if strategy.needs_target:
+            raise SparseLLMError("give a sparsity (or an N:M pattern)")
+        return None
+    return check_sparsity(sparsity)
 
 
-def _shared_input_groups(names: list[str], stats: dict) -> list[list[str]]:
-    """Layers that share one statistics object (they read the same input), in module order."""
-    groups: dict[int, list[str]] = {}
+def plan_layers(model, strategy: Allocation, slots: Sequence[LayerSlot], sparsity: float | None, pattern: Pattern,
+                windows: torch.Tensor | None, batch_size: int = 8,
+                device: str | None = None) -> tuple[Plan, float]:
+    """Run the strategy's dense calibration pass if it still needs one, then solve and realize its plan.
+
+    Returns the plan and the seconds the pass took (0 when the strategy had measured already).
+    """
+    started = time.perf_counter()
+    if strategy.needs_pass:
+        strategy.prepare([sparsity])
+        logger.info("%s allocation: dense calibration pass", strategy.name)
+        dense_pass(model, windows, slots, strategy.needs, strategy.observe, strategy.input_windows,
+                   batch_size=batch_size, device=device)
+    seconds = time.perf_counter() - started
+    desired = strategy.solve(slots, sparsity)
+    plan = realize(desired, slots, sparsity if strategy.exact_budget else None, pattern, strategy.groups(slots))
+    for target in plan.layer_sparsity.values():
+        check_sparsity(target)
+    return plan, seconds
+
+
+def _cached(statistics: Mapping[str, InputStatistics], name: str, needs: frozenset[str]) -> InputStatistics:
+    stats = statistics.get(name)
+    if stats is None or not needs <= stats.needs:
+        raise SparseLLMError(f"the precomputed statistics lack {', '.join(sorted(needs))} for layer {name}")
+    return stats
+
+
+def _shared_input_groups(names: list[str], stats: dict, patterns: Mapping[str, Pattern]) -> list[list[str]]:
+    """Layers that share one statistics object (they read the same input) and one pattern, in module order."""
+    groups: dict[tuple, list[str]] = {}
     for name in names:
-        groups.setdefault(id(stats[name]) if name in stats else id(name), []).append(name)
+        groups.setdefault((id(stats[name]) if name in stats else id(name), patterns.get(name)), []).append(name)
     return list(groups.values())
 
 
@@ -110,64 +138,86 @@ def relative_error(before: torch.Tensor, after: torch.Tensor, probe: torch.Tenso
 
 
 def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float | None = 0.5,
-          pattern: str | Pattern = "unstructured", calib: str | Text = "builtin", nsamples: int = 64,
-          seqlen: int = 512, seed: int = 0, sampling: str = "consecutive", ignore: Sequence[str] = (),
-          layer_sparsity: Mapping[str, float] | None = None, device: str | None = None,
+          pattern: str | Pattern = "unstructured", allocation: str | Allocation = "uniform",
+          calib: str | Text = "builtin", nsamples: int = 64, seqlen: int = 512, seed: int = 0,
+          sampling: str = "consecutive", ignore: Sequence[str] = (),
+          layer_sparsity: Mapping[str, float] | None = None,
+          statistics: Mapping[str, InputStatistics] | None = None, device: str | None = None,
           batch_size: int = 8, quantization: QuantScheme | None = None, **method_options) -> PruneReport:
     """Prune every linear layer inside the decoder blocks of ``model``, in place.
 
     ``pattern`` is ``"unstructured"`` or ``"N:M"`` (N kept of every M inputs; it implies the
-    sparsity, so ``sparsity`` may be None). ``ignore`` holds regexes of layer names left dense;
-    ``layer_sparsity`` maps layer names to their own sparsity. Methods that need calibration data
-    (Wanda, SparseGPT) read ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
-    Embeddings and the LM head are never pruned. ``quantization`` also quantizes the kept weights of
-    every pruned layer (jointly inside SparseGPT, else GPTQ on the pruned weights; both need
-    calibration data).
+    sparsity, so ``sparsity`` may be None). ``allocation`` chooses each layer's share of the
+    target: ``uniform``, ``owl``, ``sensitivity``, ``table`` (see ``weights.allocation``; pass an
+    ``Allocation`` object for options; one that has measured already is not run again); with N:M
+    it varies N per block. ``ignore`` holds regexes of layer names left dense; ``layer_sparsity``
+    overrides the sparsity of the named layers. Methods that need calibration data (Wanda,
+    SparseGPT) read ``nsamples`` windows of ``seqlen`` tokens from ``calib``; ``statistics`` (from
+    ``allocation.dense_pass(..., keep=True)``) replaces that pass with precomputed statistics of
+    the dense model. Embeddings and the LM head are never pruned. ``quantization`` also quantizes
+    the kept weights of every pruned layer (jointly inside SparseGPT, else GPTQ on the pruned
+    weights; both need calibration data).
     """
     started = time.perf_counter()
     pattern = Pattern.parse(pattern)
-    if pattern.is_nm:
-        if sparsity is not None and abs(sparsity - pattern.sparsity) > 1e-9:
-            raise SparseLLMError(f"pattern {pattern} implies sparsity {pattern.sparsity:g}, not {sparsity:g}")
-        sparsity = pattern.sparsity
-    elif sparsity is None:
-        raise SparseLLMError("give a sparsity (or an N:M pattern)")
-    sparsity = check_sparsity(sparsity)
+    strategy = allocation if isinstance(allocation, Allocation) else get_allocation(allocation)
+    sparsity = _check_target(sparsity, pattern, strategy)
     algorithm = get_method(method, **method_options)
+    slots = layer_slots(model, ignore)
+    for slot in slots:
+        pattern.check_width(slot.columns, slot.name)
     needs = algorithm.needs | ({HESSIAN} if quantization is not None else set())
+    calibrate = bool(needs) and statistics is None
     windows, calibration = None, None
-    if needs:
+    if calibrate or strategy.needs_pass:
         if tokenizer is None:
-            raise SparseLLMError(f"method {method} needs calibration data, so a tokenizer")
+            raise SparseLLMError(f"method {method} with allocation {strategy.name} needs calibration data, "
+                                 "so a tokenizer")
         windows, calibration = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed, sampling)
         logger.info("calibrating on %d windows of %d tokens from %s/%s (sha256 %s)", nsamples, seqlen,
                     calibration["name"], calibration["split"], calibration["sha256_16"])
-    report = PruneReport(method, {"name": method} | asdict(algorithm), str(pattern), sparsity, calibration)
+    plan, allocation_seconds = plan_layers(model, strategy, slots, sparsity, pattern, windows, batch_size, device)
+    named = {slot.name for slot in slots}
+    for name, target in (layer_sparsity or {}).items():
+        if name in named:  # ignored layers stay dense
+            plan.layer_sparsity[name] = check_sparsity(target)
+            plan.layer_patterns.pop(name, None)
+    report = PruneReport(method, {"name": method} | asdict(algorithm), str(pattern), sparsity, calibration,
+                         {"name": strategy.name, "options": strategy.options(), "statistics": strategy.statistics(),
+                          "seconds": allocation_seconds})
     joint = quantization is not None and algorithm.joint_quantization
     if quantization is not None:
         report.quantization = quantization.to_dict() | {"applied": "joint" if joint else "gptq"}
+    if not calibrate:
+        windows = None
 
     for step in engine.walk(model, windows, batch_size=batch_size, device=device, desc=f"{method} {pattern}"):
         layers = step.layers
-        targets = _targets(list(layers), sparsity, pattern, ignore, layer_sparsity)
-        for name in targets:
-            pattern.check_width(in_features(layers[name]), name)
+        targets = {name: plan.layer_sparsity[name] for name in layers if name in plan.layer_sparsity}
+        pruned_layers = {name: layers[name] for name, target in targets.items() if target > 0}
         stats = {}
-        if windows is not None and targets:
-            stats = step.collect(lambda name, module: InputStatistics(in_features(module), needs),
-                                 {name: layers[name] for name in targets})
+        if windows is not None and pruned_layers:
+            stats = step.collect(lambda name, module: InputStatistics(in_features(module), needs), pruned_layers)
+        elif statistics is not None:
+            stats = {name: _cached(statistics, name, needs) for name in pruned_layers}
         solve_started = time.perf_counter()
         results = {}
-        for group in _shared_input_groups(list(targets), stats):
+        for name in targets.keys() - pruned_layers.keys():  # the allocation keeps these dense
+            dense = weight_matrix(layers[name])
+            results[name] = LayerResult(name, tuple(dense.shape), 0.0, "dense", (dense == 0).float().mean().item(),
+                                        0.0, 0.0)
+        for group in _shared_input_groups(list(pruned_layers), stats, plan.layer_patterns):
             group_started = time.perf_counter()
+            layer_pattern = plan.layer_patterns.get(group[0], pattern)
             dense = [weight_matrix(layers[name]) for name in group]
             sparsities = [targets[name] for name in group]
             quantizers = [LayerQuantizer(quantization, *w.shape, w.device) for w in dense] if quantization else None
             if joint:
-                pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]), sparsities, pattern,
-                                               quantizers=quantizers)
+                pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]), sparsities,
+                                               layer_pattern, quantizers=quantizers)
             else:
-                pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]), sparsities, pattern)
+                pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]), sparsities,
+                                               layer_pattern)
                 if quantizers is not None:
                     pruned = quantize_masked(pruned, stats[group[0]], quantizers)
             seconds = (time.perf_counter() - group_started) / len(group)
@@ -175,7 +225,7 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
                 set_weight_matrix(layers[name], after)
                 attach_grid(layers[name], quantizers[index].grid() if quantizers else None)
                 probe = stats[name].probe if name in stats else None
-                results[name] = LayerResult(name, tuple(before.shape), targets[name], str(pattern),
+                results[name] = LayerResult(name, tuple(before.shape), targets[name], str(layer_pattern),
                                             (after == 0).float().mean().item(),
                                             relative_error(before, after, probe), seconds)
         for name in targets:
@@ -199,6 +249,6 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
             step.seconds.get("collect", 0), step.seconds.get("solve", 0), step.seconds.get("propagate", 0),
         )
     report.seconds = time.perf_counter() - started
-    logger.info("pruned %d layers to %.4f sparsity with %s %s in %.1f s", len(report.layers),
-                report.achieved_sparsity, method, pattern, report.seconds)
+    logger.info("pruned %d layers to %.4f sparsity with %s %s (%s allocation) in %.1f s", len(report.layers),
+                report.achieved_sparsity, method, pattern, strategy.name, report.seconds)
     return report
