@@ -49,8 +49,11 @@ class SparseAttention:
         return asdict(self)
 
     def spec(self) -> str:
-        """The ``--attention`` string that rebuilds this method."""
-        return f"{self.name}:" + ",".join(f"{key}={value}" for key, value in self.options().items())
+        """The ``--attention`` string that rebuilds this method (options that differ from the defaults)."""
+        changed = [f"{getattr(self, field.name)}" if field.name == self.primary else
+                   f"{field.name}={getattr(self, field.name)}" for field in fields(self)
+                   if getattr(self, field.name) != field.default]
+        return ":".join([self.name, ",".join(changed)]) if changed else self.name
 
     def require(self, condition: bool, message: str) -> None:
         if not condition:

@@ -167,6 +167,24 @@ def restore(model: torch.nn.Module) -> None:
     del model._sparsellm_dense
 
 
+def compare(model: torch.nn.Module, tokenizer, method: str | SparseAttention, **perplexity_options) -> dict:
+    """Perplexity with the model's own attention and with ``method``, on the same windows.
+
+    ``perplexity_options`` go to ``sparsellm.perplexity`` (data, seqlen, max_windows, batch_size).
+    Returns ``{"attention": spec, "full": Perplexity, "sparse": Perplexity}``; the model is left
+    as it was.
+    """
+    from ..evaluation import perplexity
+
+    full = perplexity(model, tokenizer, **perplexity_options)
+    chosen = apply(model, method)
+    try:
+        sparse = perplexity(model, tokenizer, **perplexity_options)
+    finally:
+        restore(model)
+    return {"attention": chosen.spec(), "full": full, "sparse": sparse}
+
+
 def _cache_window(config, method: SparseAttention, original: int | None) -> int | None:
     """The ``sliding_window`` that makes transformers' cache keep what the method needs."""
     if method.cache_window is not None:

@@ -7,9 +7,9 @@ import sys
 
 from ..errors import SparseLLMError
 from ..logging_utils import configure, logger
-from . import evaluate, info, prune
+from . import bench_attention, evaluate, info, prune
 
-COMMANDS = [prune, evaluate, info]
+COMMANDS = [prune, evaluate, info, bench_attention]
 
 
 def build_parser() -> argparse.ArgumentParser:
