@@ -1,6 +1,6 @@
 """Sparse attention benchmark (issue 6): kernels over sequence lengths, sample-model prefill and quality.
 
-    bash benchmarks/setup_peers.sh     # once: local-attention, the peer, into benchmarks/peers/site
+    bash benchmarks/peers/setup_local_attention.sh     # once: local-attention, the peer, into benchmarks/peers/site
     flock /tmp/sparsellm-heavy.lock python benchmarks/bench_attention.py
 
 1. Kernels: 8 heads of 64, float32, batch 1, causal, 2 threads. PyTorch's fused causal SDPA (the
@@ -229,7 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if not PEER_SITE.exists():
-        sys.exit("run benchmarks/setup_peers.sh first (installs local-attention into benchmarks/peers/site)")
+        sys.exit("run benchmarks/peers/setup_local_attention.sh first (installs local-attention into benchmarks/peers/site)")
     parts = args.parts.split(",")
     results: dict = {"torch": torch.__version__, "threads": 2}
     if "kernels" in parts:
