@@ -117,6 +117,19 @@ def test_eval_cli_compares_with_full_attention(llama_folder, capsys):
     assert code == 0 and "perplexity x1.000" in lines[-1]  # the window covers every window of 64 tokens
 
 
+def test_compare_scores_full_attention_and_leaves_the_model_as_it_was(llama_folder):
+    from sparsellm import load_model, perplexity
+
+    model, tokenizer = load_model(llama_folder)
+    options = {"seqlen": 48, "max_windows": 2}
+    dense = perplexity(model, tokenizer, **options).perplexity
+    attention.apply(model, "bigbird:block=8")
+    compared = attention.compare(model, tokenizer, "window:8", **options)
+    assert compared["full"].perplexity == pytest.approx(dense, rel=1e-6)
+    assert compared["attention"] == "window:8" and compared["sparse"].perplexity != pytest.approx(dense, rel=1e-3)
+    assert attention.current(model) == attention.BigBirdAttention(8)
+
+
 def test_bench_attention_cli(capsys):
     code = main(["bench-attention", "--lengths", "64,128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                  "--attention", "sdpa", "--attention", "window:16", "--attention", "bigbird:block=8,global=1",

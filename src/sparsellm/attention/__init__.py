@@ -8,7 +8,7 @@
 from . import bigbird, performer, window  # noqa: F401  (each registers itself)
 from .base import METHODS, SparseAttention, get_method, parse_spec, register
 from .bigbird import BigBirdAttention, bigbird_attention
-from .hf import apply, compare, implementation_name, register_all, restore
+from .hf import apply, compare, current, implementation_name, register_all, restore
 from .performer import PerformerAttention, draw_projection, performer_attention
 from .window import WindowAttention, window_attention
 
@@ -16,6 +16,6 @@ register_all()
 
 __all__ = [
     "METHODS", "BigBirdAttention", "PerformerAttention", "SparseAttention", "WindowAttention", "apply",
-    "bigbird_attention", "compare", "draw_projection", "get_method", "implementation_name", "parse_spec", "performer_attention",
-    "register", "restore", "window_attention",
+    "bigbird_attention", "compare", "current", "draw_projection", "get_method", "implementation_name",
+    "parse_spec", "performer_attention", "register", "restore", "window_attention",
 ]

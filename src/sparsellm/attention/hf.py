@@ -176,13 +176,23 @@ def compare(model: torch.nn.Module, tokenizer, method: str | SparseAttention, **
     """
     from ..evaluation import perplexity
 
-    full = perplexity(model, tokenizer, **perplexity_options)
-    chosen = apply(model, method)
+    previous = current(model)
+    restore(model)
     try:
+        full = perplexity(model, tokenizer, **perplexity_options)
+        chosen = apply(model, method)
         sparse = perplexity(model, tokenizer, **perplexity_options)
     finally:
-        restore(model)
+        apply(model, previous)
     return {"attention": chosen.spec(), "full": full, "sparse": sparse}
+
+
+def current(model: torch.nn.Module) -> SparseAttention | None:
+    """The sparse method a model computes attention with, or None."""
+    name = model.config._attn_implementation or ""
+    if not name.startswith(PREFIX):
+        return None
+    return method_of(model.config.get_text_config(decoder=True), name.removeprefix(PREFIX))
 
 
 def _cache_window(config, method: SparseAttention, original: int | None) -> int | None:

@@ -28,6 +28,11 @@ def band_mask(rows: int, keys: int, reach: int, device: torch.device | None = No
     return (offsets >= 0) & (offsets <= reach)
 
 
+def prepend_sinks(blocks: torch.Tensor, full: torch.Tensor, sinks: int) -> torch.Tensor:
+    """(B, Hkv, M, S, d) key or value blocks with the first ``sinks`` rows of ``full`` in front of each."""
+    return torch.cat([full[:, :, None, :sinks].expand(-1, -1, blocks.shape[2], -1, -1), blocks], dim=3)
+
+
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, *,
                      causal: bool = True, sinks: int = 0, scale: float | None = None,
                      key_mask: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
@@ -63,8 +68,7 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         values = value[:, :, start:stop].unfold(2, span, rows).transpose(-1, -2)
         mask = band
         if sinks:
-            keys = torch.cat([key[:, :, None, :sinks].expand(-1, -1, count, -1, -1), keys], dim=3)
-            values = torch.cat([value[:, :, None, :sinks].expand(-1, -1, count, -1, -1), values], dim=3)
+            keys, values = prepend_sinks(keys, key, sinks), prepend_sinks(values, value, sinks)
             mask = torch.cat([band.new_ones(rows, sinks), band], dim=1)
         queries = grouped[:, :, :, first * rows : last * rows].unflatten(3, (count, rows))
         parts.append(attend_blocks(queries, keys, values, mask, scale))
@@ -82,8 +86,7 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             sees_sinks = (sink_positions <= query_positions[..., None]) if causal else allowed.new_ones(1, 1, sinks)
             allowed = torch.cat([sees_sinks.expand(len(edges), rows, sinks), allowed], dim=2)
             key_positions = torch.cat([sink_positions.expand(len(edges), sinks), key_positions], dim=1)
-            keys = torch.cat([key[:, :, None, :sinks].expand(-1, -1, len(edges), -1, -1), keys], dim=3)
-            values = torch.cat([value[:, :, None, :sinks].expand(-1, -1, len(edges), -1, -1), values], dim=3)
+            keys, values = prepend_sinks(keys, key, sinks), prepend_sinks(values, value, sinks)
         allowed = allowed.unsqueeze(0)
         if key_mask is not None:
             allowed = allowed & key_mask[:, key_positions.clamp(0, n_keys - 1)][:, :, None, :]
