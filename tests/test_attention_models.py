@@ -58,7 +58,7 @@ def test_generation_with_cache_equals_full_recomputation(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_left_padded_batch_equals_each_sequence_alone(spec):
-    model = make_model("qwen2")
+    model = make_model("llama")  # with window:6, a sliding cache of 5 keys and a padding mask that slides along
     attention.apply(model, spec)
     short, long = token_ids(1, 9, seed=1), token_ids(1, 16, seed=2)
     batch = torch.full((2, 16), 2)

@@ -45,6 +45,9 @@ def performer_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     Lk - Lq + i; ``key_mask`` (B, Lk) is True where a key may be attended.
     """
     check_shapes(query, key, value, causal)
+    if query.dtype in (torch.float16, torch.bfloat16):  # exp and the running sums need float32's range
+        return performer_attention(query.float(), key.float(), value.float(), projection, causal=causal, scale=scale,
+                                   key_mask=key_mask, chunk=chunk).to(query.dtype)
     n_queries, n_keys, kv_heads, dim = query.shape[2], key.shape[2], key.shape[1], query.shape[3]
     root_scale = (dim**-0.5 if scale is None else scale) ** 0.5  # exp(s q.k) = exp((r q).(r k)), r = sqrt(s)
     projection = (projection * root_scale).to(query.dtype)
