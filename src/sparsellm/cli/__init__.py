@@ -7,9 +7,9 @@ import sys
 
 from ..errors import SparseLLMError
 from ..logging_utils import configure, logger
-from . import bench, compress, evaluate, generate, info, prune, report, sparsify_activations
+from . import bench, bench_attention, compress, evaluate, generate, info, prune, report, sparsify_activations
 
-COMMANDS = [prune, evaluate, info, compress, report, sparsify_activations, bench, generate]
+COMMANDS = [prune, evaluate, info, compress, report, sparsify_activations, bench, generate, bench_attention]
 
 
 def build_parser() -> argparse.ArgumentParser:
