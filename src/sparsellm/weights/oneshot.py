@@ -98,14 +98,15 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
           pattern: str | Pattern = "unstructured", calib: str | Text = "builtin", nsamples: int = 64,
           seqlen: int = 512, seed: int = 0, sampling: str = "consecutive", ignore: Sequence[str] = (),
           layer_sparsity: Mapping[str, float] | None = None, device: str | None = None,
-          batch_size: int = 8, **method_options) -> PruneReport:
+          batch_size: int = 8, windows: torch.Tensor | None = None, **method_options) -> PruneReport:
     """Prune every linear layer inside the decoder blocks of ``model``, in place.
 
     ``pattern`` is ``"unstructured"`` or ``"N:M"`` (N kept of every M inputs; it implies the
     sparsity, so ``sparsity`` may be None). ``ignore`` holds regexes of layer names left dense;
     ``layer_sparsity`` maps layer names to their own sparsity. Methods that need calibration data
     (Wanda, SparseGPT) read ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
-    Embeddings and the LM head are never pruned.
+    ``windows`` (count, seqlen) token ids replace the windows read from ``calib`` (text a teacher
+    wrote, say). Embeddings and the LM head are never pruned.
     """
     started = time.perf_counter()
     pattern = Pattern.parse(pattern)
@@ -117,13 +118,17 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
         raise SparseLLMError("give a sparsity (or an N:M pattern)")
     sparsity = check_sparsity(sparsity)
     algorithm = get_method(method, **method_options)
-    windows, calibration = None, None
-    if algorithm.needs:
+    calibration = None
+    if algorithm.needs and windows is not None:
+        calibration = {"name": "given windows", "nsamples": windows.shape[0], "seqlen": windows.shape[1]}
+    elif algorithm.needs:
         if tokenizer is None:
             raise SparseLLMError(f"method {method} needs calibration data, so a tokenizer")
         windows, calibration = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed, sampling)
         logger.info("calibrating on %d windows of %d tokens from %s/%s (sha256 %s)", nsamples, seqlen,
                     calibration["name"], calibration["split"], calibration["sha256_16"])
+    else:
+        windows = None
     report = PruneReport(method, {"name": method} | asdict(algorithm), str(pattern), sparsity, calibration)
 
     for step in engine.walk(model, windows, batch_size=batch_size, device=device, desc=f"{method} {pattern}"):
