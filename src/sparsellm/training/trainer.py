@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint
-from ..data import load_text, tokenize, uses_bos
+from ..data import check_context, load_text, tokenize, uses_bos
 from ..errors import SparseLLMError
 from ..evaluation import perplexity
 from ..logging_utils import logger, progress
@@ -284,6 +284,7 @@ def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, t
         raise SparseLLMError(f"--micro-batch-size {micro} does not divide the {share} windows of each process")
     if config.steps < 1:
         raise SparseLLMError(f"--steps must be at least 1, got {config.steps}")
+    check_context(model, config.seqlen)
     if config.distill and teacher is None:
         raise SparseLLMError("--distill needs the dense model as teacher")
     schedule = make_schedule(config.method, config.steps, config.sparsity, pattern, **config.schedule_options())
