@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tiny import make_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sparsellm.training import SparsityCallback, prunable_layers
+from tiny import make_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import make_model
 
 from sparsellm.errors import SparseLLMError
 from sparsellm.training import Sparsifier, make_schedule, prunable_layers
@@ -14,6 +13,7 @@ from sparsellm.training.gmp import GradualMagnitude
 from sparsellm.training.rigl import drop_and_grow
 from sparsellm.training.sparsifier import erk_sparsities
 from sparsellm.weights.masks import Pattern, gradual_mask
+from tiny import make_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,5 +1,6 @@
 """sparsellm train end to end on tiny models: outputs, fine-tuning a pruned folder, teacher data, resume, 2 processes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -150,14 +151,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(llama_folder, tmp_path, 
     killed = tmp_path / "killed"
     env = os.environ | {"PYTHONPATH": SRC, "SPARSELLM_NO_PROGRESS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "sparsellm", "-q", *_train_args(llama_folder, killed)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
         done = checkpoints.complete(killed / "checkpoints")
         if done and int(done[-1].name.split("-")[1]) >= 12:
             break
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
     assert not (killed / "sparsity.json").exists()
@@ -180,10 +181,15 @@ def test_two_gloo_processes_match_one(llama_folder, tmp_path):
             "--threads", "1", "--metrics", "none"]
     assert main([*args, "--output", str(tmp_path / "one")]) == 0
     env = os.environ | {"PYTHONPATH": SRC, "SPARSELLM_NO_PROGRESS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--standalone", "-m", "sparsellm", "-q", *args,
-                             "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                                 "-m", "sparsellm", "-q", *args, "--output", str(tmp_path / "two")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=600)
+    finally:  # never leave workers behind, whatever happened
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, stderr[-3000:]
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)

@@ -68,6 +68,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     parser.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (0: none)")
+    parser.add_argument("--save-minutes", type=float, default=10.0,
+                        help="without --save-every: training minutes between checkpoints (default 10)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the last checkpoint at the end")
     parser.add_argument("--metrics", default="jsonl", choices=FORMATS, help="per-step metrics log format")
     parser.add_argument("--no-plot", action="store_true", help="skip training.png (loss and sparsity)")
@@ -131,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     evaluation = {"data": args.eval_data, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows or None,
                   "batch_size": args.eval_batch_size} if args.eval else None
     options = RunOptions(micro_batch_size=args.micro_batch_size, save_every=args.save_every,
+                         save_minutes=args.save_minutes,
                          keep_checkpoints=args.keep_checkpoints, metrics=args.metrics, plot=not args.no_plot,
                          device=args.device, evaluation=evaluation)
     result = train(model, tokenizer, config, args.output, teacher=teacher, options=options, resume=args.resume,

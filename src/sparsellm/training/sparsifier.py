@@ -202,9 +202,13 @@ class Sparsifier:
     @torch.no_grad()
     def _apply_masks(self) -> None:
         """Zero the pruned weights and their optimizer state (moments of an entry outside the mask)."""
+        # Masks as 0/1 in the weight's dtype and layout: multiplying by them is the cheapest masking
+        # pass (a bool operand would be converted on every call).
+        self._multipliers = {name: as_matrix(module, self.masks[name]).to(module.weight.dtype)
+                             for name, module in self.layers.items()}
         state = self.optimizer.state if self.optimizer is not None else {}
         for name, module in self.layers.items():
-            keep = as_matrix(module, self.masks[name])
+            keep = self._multipliers[name]
             module.weight.mul_(keep)
             for value in state.get(module.weight, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == module.weight.shape:
@@ -227,12 +231,12 @@ class Sparsifier:
     def mask_gradients(self) -> None:
         for name, module in self.layers.items():
             if module.weight.grad is not None:
-                module.weight.grad.mul_(as_matrix(module, self.masks[name]))
+                module.weight.grad.mul_(self._multipliers[name])
 
     @torch.no_grad()
     def mask_weights(self) -> None:
         for name, module in self.layers.items():
-            module.weight.mul_(as_matrix(module, self.masks[name]))
+            module.weight.mul_(self._multipliers[name])
 
     def before_optimizer_step(self) -> None:
         """Update the masks if the schedule says so (with the dense gradient), then mask the gradients."""

@@ -91,7 +91,8 @@ class RunOptions:
     """How a run is carried out, without changing what it computes."""
 
     micro_batch_size: int | None = None  # windows per forward pass in one process
-    save_every: int | None = None  # steps between checkpoints; default a tenth of the run, 0 = never
+    save_every: int | None = None  # steps between checkpoints (0: never); by default by time instead
+    save_minutes: float = 10.0  # training minutes between checkpoints when save_every is None
     keep_checkpoints: bool = False
     metrics: str = "jsonl"
     plot: bool = True
@@ -311,7 +312,8 @@ def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, t
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95),
+                                  fused=True)  # one pass over each tensor instead of several
     start_step, tokens_seen, seconds_before, masks = 0, 0, 0.0, None
     if saved is not None:
         restored = checkpoints.load(saved, model, optimizer)
@@ -332,7 +334,7 @@ def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, t
         ddp = DistributedDataParallel(model, device_ids=[processes.device.index] if processes.device.index
                                       is not None else None)
     metrics = MetricsLog(run_dir, options.metrics, start_step) if processes.is_main else None
-    save_every = options.save_every if options.save_every is not None else max(1, config.steps // 10)
+    last_save = time.perf_counter()
     tokens_per_step = config.batch_size * config.seqlen
     bar = progress(total=config.steps, initial=start_step, desc=f"{config.method} {pattern}", unit="step") \
         if processes.is_main else None
@@ -362,7 +364,9 @@ def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, t
         optimizer.step()
         sparsifier.after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value, lm_value, kl_value = processes.mean([loss_sum, parts["lm"], parts["kl"]])
+        # Every rank must agree on saving; the flag rides on the all-reduce of the losses.
+        minutes_due = float(time.perf_counter() - last_save >= 60 * options.save_minutes)
+        loss_value, lm_value, kl_value, save_vote = processes.mean([loss_sum, parts["lm"], parts["kl"], minutes_due])
         tokens_seen += tokens_per_step
         elapsed = time.perf_counter() - started
         step_seconds.append(elapsed)
@@ -376,7 +380,9 @@ def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, t
                             tok_s=f"{tokens_per_step / elapsed:.0f}")
             bar.update(1)
         done = step + 1
-        if save_every and done % save_every == 0 and done < config.steps:
+        due = save_vote > 0 if options.save_every is None else options.save_every and done % options.save_every == 0
+        if due and done < config.steps:
+            last_save = time.perf_counter()
             state = {"config": asdict(config), "tokens": tokens_seen, "seconds": seconds_before + sum(step_seconds),
                      "mask_updates": sparsifier.updates, "world_size": processes.world}
             rng = _rng_state(processes)
