@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import checkpoint
 from ..data import check_context, load_text, tokenize, uses_bos
@@ -266,6 +267,45 @@ def _publish(run_dir: Path, model, tokenizer, metadata: dict) -> None:
     final.rmdir()
 
 
+def _check(model, config: TrainConfig, options: RunOptions, processes: Processes, teacher) -> int:
+    """Refuse inconsistent settings before any work; return the windows per forward pass."""
+    if config.steps < 1:
+        raise SparseLLMError(f"--steps must be at least 1, got {config.steps}")
+    if config.batch_size % processes.world:
+        raise SparseLLMError(f"--batch-size {config.batch_size} is not divisible by the {processes.world} processes")
+    share = config.batch_size // processes.world
+    micro = options.micro_batch_size or share
+    if share % micro:
+        raise SparseLLMError(f"--micro-batch-size {micro} does not divide the {share} windows of each process")
+    check_context(model, config.seqlen)
+    if config.distill and teacher is None:
+        raise SparseLLMError("--distill needs the dense model as teacher")
+    return micro
+
+
+def _optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; norms and biases without weight decay; fused: one pass over each tensor instead of several."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95), fused=True)
+
+
+def _accumulate_gradients(model, teacher, batch: torch.Tensor, micro: int, config: TrainConfig,
+                          device: torch.device) -> list[float]:
+    """Backward over this process's share in micro-batches (DDP all-reduces on the last); mean loss, LM, KL."""
+    chunks = batch.split(micro)
+    totals = [0.0, 0.0, 0.0]
+    for index, chunk in enumerate(chunks):
+        last = index == len(chunks) - 1
+        with nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
+            loss, parts = _forward_loss(model, teacher, chunk.to(device), config)
+            (loss / len(chunks)).backward()
+        for position, value in enumerate((loss.item(), parts["lm"], parts.get("kl", 0.0))):
+            totals[position] += value / len(chunks)
+    return totals
+
+
 def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, teacher=None,
           options: RunOptions | None = None, resume: bool = False, model_name: str = "") -> TrainResult:
     """Train ``model`` in place towards ``config.sparsity`` and write the run into ``output``.
@@ -275,71 +315,49 @@ def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, t
     """
     options = options or RunOptions()
     processes = join(options.device)
-    run_dir = Path(output)
+    micro = _check(model, config, options, processes, teacher)
     pattern = Pattern.parse(config.pattern)
-    if config.batch_size % processes.world:
-        raise SparseLLMError(f"--batch-size {config.batch_size} is not divisible by the {processes.world} processes")
-    share = config.batch_size // processes.world
-    micro = options.micro_batch_size or share
-    if share % micro:
-        raise SparseLLMError(f"--micro-batch-size {micro} does not divide the {share} windows of each process")
-    if config.steps < 1:
-        raise SparseLLMError(f"--steps must be at least 1, got {config.steps}")
-    check_context(model, config.seqlen)
-    if config.distill and teacher is None:
-        raise SparseLLMError("--distill needs the dense model as teacher")
     schedule = make_schedule(config.method, config.steps, config.sparsity, pattern, **config.schedule_options())
-
-    saved = None
-    if resume:
-        found = checkpoints.latest(run_dir / "checkpoints")
-        if found is None:
-            raise SparseLLMError(f"nothing to resume: {run_dir} holds no finished checkpoint")
-        saved = found
+    run_dir = Path(output)
+    saved = checkpoints.latest(run_dir / "checkpoints") if resume else None
+    if resume and saved is None:
+        raise SparseLLMError(f"nothing to resume: {run_dir} holds no finished checkpoint")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume and processes.is_main:  # what an earlier run left here must not leak into this one
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / TEACHER_DATA).unlink(missing_ok=True)
     processes.barrier()
     windows, data_description, calibration = _training_data(config, tokenizer, teacher, processes, run_dir)
-
     init_report = None if saved else _prune_first(model, tokenizer, config, calibration, processes)
+
     model.to(processes.device)
     model.config.use_cache = False
     model.train()
     if teacher is not None:
         teacher.to(processes.device).eval().requires_grad_(False)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95),
-                                  fused=True)  # one pass over each tensor instead of several
-    start_step, tokens_seen, seconds_before, masks = 0, 0, 0.0, None
+    optimizer = _optimizer(model, config)
+    start_step, tokens_seen, seconds_before, masks, updates = 0, 0, 0.0, None, []
     if saved is not None:
         restored = checkpoints.load(saved, model, optimizer)
         _check_resumable(restored.state["config"], config)
-        start_step, tokens_seen = restored.state["step"], restored.state["tokens"]
-        seconds_before, masks = restored.state["seconds"], restored.masks
+        start_step, tokens_seen, seconds_before = (restored.state[key] for key in ("step", "tokens", "seconds"))
+        masks, updates = restored.masks, restored.state["mask_updates"]
         torch.set_rng_state(restored.rng.get(f"rank{processes.rank}", restored.rng["rank0"]))
         logger.info("resuming %s at step %d of %d", saved, start_step, config.steps)
     else:
         torch.manual_seed(config.seed + processes.rank)
     sparsifier = Sparsifier(model, schedule, optimizer, ignore=config.ignore, step=start_step, masks=masks)
-    if saved is not None:
-        sparsifier.updates = restored.state["mask_updates"]
-    ddp = model
+    sparsifier.updates = updates
+    trained = model
     if processes.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[processes.device.index] if processes.device.index
-                                      is not None else None)
+        trained = DistributedDataParallel(model, device_ids=None if processes.device.type == "cpu"
+                                          else [processes.device.index])
     metrics = MetricsLog(run_dir, options.metrics, start_step) if processes.is_main else None
-    last_save = time.perf_counter()
-    tokens_per_step = config.batch_size * config.seqlen
     bar = progress(total=config.steps, initial=start_step, desc=f"{config.method} {pattern}", unit="step") \
         if processes.is_main else None
+    tokens_per_step = config.batch_size * config.seqlen
     step_seconds: list[float] = []
-    loss_value = math.nan
+    loss, last_save = math.nan, time.perf_counter()
 
     for step in range(start_step, config.steps):
         started = time.perf_counter()
@@ -347,37 +365,27 @@ def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, t
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = windows.batch(step, config.batch_size, processes.rank, processes.world)
-        parts = {"lm": 0.0, "kl": 0.0}
-        loss_sum = 0.0
-        chunks = batch.split(micro)
-        for index, chunk in enumerate(chunks):
-            sync = index == len(chunks) - 1 or not processes.distributed
-            with nullcontext() if sync else ddp.no_sync():
-                loss, chunk_parts = _forward_loss(ddp, teacher, chunk.to(processes.device), config)
-                (loss / len(chunks)).backward()
-            loss_sum += loss.item() / len(chunks)
-            for key, value in chunk_parts.items():
-                parts[key] += value / len(chunks)
+        losses = _accumulate_gradients(trained, teacher, batch, micro, config, processes.device)
         sparsifier.before_optimizer_step()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm) \
-            if config.max_grad_norm > 0 else torch.tensor(math.nan)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm).item() \
+            if config.max_grad_norm > 0 else math.nan
         optimizer.step()
         sparsifier.after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
-        # Every rank must agree on saving; the flag rides on the all-reduce of the losses.
-        minutes_due = float(time.perf_counter() - last_save >= 60 * options.save_minutes)
-        loss_value, lm_value, kl_value, save_vote = processes.mean([loss_sum, parts["lm"], parts["kl"], minutes_due])
+        # Every rank must agree on when to save: the time flag rides on the all-reduce of the losses.
+        time_due = float(time.perf_counter() - last_save >= 60 * options.save_minutes)
+        loss, lm_loss, kl_loss, save_vote = processes.mean([*losses, time_due])
         tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - started
-        step_seconds.append(elapsed)
+        step_seconds.append(time.perf_counter() - started)
         if metrics is not None:
-            metrics.append({"step": step, "loss": loss_value, "lm_loss": lm_value,
-                            "kl_loss": kl_value if config.distill else math.nan,
-                            "sparsity": sparsifier.sparsity(), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
-                            "seconds": seconds_before + sum(step_seconds), "tokens_per_second": tokens_per_step / elapsed})
+            metrics.append({"step": step, "loss": loss, "lm_loss": lm_loss,
+                            "kl_loss": kl_loss if config.distill else math.nan, "sparsity": sparsifier.sparsity(),
+                            "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                            "seconds": seconds_before + sum(step_seconds),
+                            "tokens_per_second": tokens_per_step / step_seconds[-1]})
         if bar is not None:
-            bar.set_postfix(loss=f"{loss_value:.3f}", sparsity=f"{sparsifier.sparsity():.3f}",
-                            tok_s=f"{tokens_per_step / elapsed:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{sparsifier.sparsity():.3f}",
+                            tok_s=f"{tokens_per_step / step_seconds[-1]:.0f}")
             bar.update(1)
         done = step + 1
         due = save_vote > 0 if options.save_every is None else options.save_every and done % options.save_every == 0
@@ -399,22 +407,27 @@ def train(model, tokenizer, config: TrainConfig, output: str | os.PathLike, *, t
         "layers": sparsifier.layer_report(),
         "training": {"config": asdict(config), "schedule": schedule.describe(), "data": data_description,
                      "init": init_report, "steps": config.steps, "tokens": tokens_seen, "seconds": seconds,
-                     "tokens_per_second": per_second, "processes": processes.world, "final_loss": loss_value,
+                     "tokens_per_second": per_second, "processes": processes.world, "final_loss": loss,
                      "mask_updates": sparsifier.updates, "resumed": saved is not None},
     }
     if processes.is_main:
-        if options.evaluation is not None:
-            model.eval()
-            metadata["evaluation"] = perplexity(model, tokenizer, **options.evaluation).to_dict()
-        _publish(run_dir, model, tokenizer, metadata)
-        if metrics is not None and options.plot and metrics.records:
-            plot(metrics.records, run_dir / "training.png",
-                 f"{config.method} {pattern} to {sparsifier.sparsity():.2f}, {tokens_seen:,} tokens")
-        if not options.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        _finish(run_dir, model, tokenizer, metadata, metrics, options)
         logger.info("trained %d steps (%s tokens) in %.0f s, %.0f tokens/s: sparsity %.4f, loss %.3f -> %s",
-                    config.steps, f"{tokens_seen:,}", seconds, per_second, sparsifier.sparsity(), loss_value, run_dir)
+                    config.steps, f"{tokens_seen:,}", seconds, per_second, sparsifier.sparsity(), loss, run_dir)
     processes.barrier()
-    return TrainResult(run_dir, config.steps, tokens_seen, seconds, per_second, loss_value, sparsifier.sparsity(),
+    return TrainResult(run_dir, config.steps, tokens_seen, seconds, per_second, loss, sparsifier.sparsity(),
                        data_description, metadata)
 
+
+def _finish(run_dir: Path, model, tokenizer, metadata: dict, metrics: MetricsLog, options: RunOptions) -> None:
+    """Score (if asked), publish the model, draw the plot, drop the checkpoints."""
+    if options.evaluation is not None:
+        model.eval()
+        metadata["evaluation"] = perplexity(model, tokenizer, **options.evaluation).to_dict()
+    _publish(run_dir, model, tokenizer, metadata)
+    if options.plot and metrics.records:
+        plot(metrics.records, run_dir / "training.png",
+             f"{metadata['method']} {metadata['pattern']} to {metadata['sparsity']:.2f}, "
+             f"{metadata['training']['tokens']:,} tokens")
+    if not options.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
