@@ -225,3 +225,10 @@ def test_resume_refuses_a_different_configuration(llama_folder, tmp_path, capsys
     assert main(base) == 0
     code, _, err = run_cli(capsys, *base, "--resume", "--lr", "0.5")
     assert code == 2 and "lr=0.0001" in err and "0.5" in err
+
+
+def test_fsdp_launch_is_refused_with_a_reason(llama_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    code, _, err = run_cli(capsys, "train", "--model", str(llama_folder), "--sparsity", "0.5", "--output",
+                           str(tmp_path / "o"))
+    assert code == 2 and "not FSDP" in err

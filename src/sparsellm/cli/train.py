@@ -1,7 +1,8 @@
 """sparsellm train: prune while training (gmp, rigl) or fine-tune a pruned model (finetune), optionally distilled.
 
 Runs unchanged as one process or under ``torchrun --nproc_per_node N -m sparsellm train ...`` /
-``accelerate launch -m sparsellm train ...``.
+``accelerate launch --multi_gpu --num_processes N -m sparsellm train ...`` (DistributedDataParallel,
+gloo on CPU, nccl on GPU; FSDP is refused: masks need whole weight matrices).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 
 from .. import checkpoint, models
 from ..errors import SparseLLMError
@@ -121,6 +123,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     if args.offload_folder:
         raise SparseLLMError("train keeps the whole model in memory: --offload-folder is for prune and eval")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise SparseLLMError("sparsellm train runs DistributedDataParallel, not FSDP: launch with --multi_gpu")
     processes = join(args.device)
     if not processes.is_main:
         logger.setLevel(logging.WARNING)

@@ -171,6 +171,10 @@ class Sparsifier:
         self.layers = prunable_layers(model, ignore)
         if not self.layers:
             raise SparseLLMError("the model has no prunable linear layers in its decoder blocks")
+        if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()) or any(
+                type(module.weight).__name__ == "DTensor" for module in self.layers.values()):
+            raise SparseLLMError("FSDP-sharded weights are not supported: masks are computed on whole matrices; "
+                                 "use DistributedDataParallel (torchrun, accelerate launch --multi_gpu)")
         self.schedule = schedule
         self.optimizer = optimizer
         self.step_count = step
