@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..errors import SparseLLMError
 from ..logging_utils import logger, progress
 
+SAMPLING = {"temperature": 1.0, "top_p": 0.95}  # how the teacher writes: nucleus sampling at T = 1
 # Openers of several kinds of text, so the sampled corpus is not all one register.
 DEFAULT_PROMPTS = (
     "The", "In this section", "def ", "import ", "Once upon a time", "A", "The following example",
@@ -44,8 +45,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 @torch.no_grad()
 def generate_windows(teacher, tokenizer, count: int, seqlen: int, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
-                     seed: int = 0, batch_size: int = 8, temperature: float = 1.0,
-                     top_p: float = 0.95) -> torch.Tensor:
+                     seed: int = 0, batch_size: int = 8) -> torch.Tensor:
     """``count`` windows of ``seqlen`` tokens sampled from the teacher, each a prompt and its continuation.
 
     Prompts are taken in turn; sampling uses its own seeded RNG, so the same call gives the same
@@ -74,7 +74,7 @@ def generate_windows(teacher, tokenizer, count: int, seqlen: int, prompts: tuple
             output = teacher.generate(
                 input_ids=prompt.unsqueeze(0).expand(batch, -1).to(device),
                 attention_mask=torch.ones(batch, len(prompt), dtype=torch.long, device=device),
-                do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=new_tokens,
+                do_sample=True, top_k=0, **SAMPLING, max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, pad_token_id=pad,
             )
             windows.extend(output.cpu())
@@ -86,8 +86,9 @@ def generate_windows(teacher, tokenizer, count: int, seqlen: int, prompts: tuple
     return result
 
 
-def describe_generated(windows: torch.Tensor, prompts: tuple[str, ...], **sampling) -> dict:
-    """What the metadata says about teacher-written data: prompts, sampling options and a fingerprint."""
+def describe_generated(windows: torch.Tensor, prompts: tuple[str, ...], seed: int) -> dict:
+    """What the metadata says about teacher-written data: prompts, sampling and a fingerprint."""
     digest = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
     return {"name": "teacher-generated", "windows": windows.shape[0], "seqlen": windows.shape[1],
-            "tokens": windows.numel(), "prompts": list(prompts), "sampling": sampling, "sha256_16": digest}
+            "tokens": windows.numel(), "prompts": list(prompts), "sampling": SAMPLING | {"seed": seed},
+            "sha256_16": digest}

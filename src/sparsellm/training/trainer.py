@@ -119,8 +119,8 @@ def lr_at(step: int, config: TrainConfig) -> float:
     warmup = config.warmup if config.warmup is not None else max(1, round(0.05 * config.steps))
     if step < warmup:
         return config.lr * (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, config.steps - 1 - warmup)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0))))
+    fraction = min((step - warmup) / max(1, config.steps - 1 - warmup), 1.0)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * fraction)))
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _training_data(config: TrainConfig, tokenizer, teacher, processes: Processes
             save_file({"windows": pool}, str(path))
         processes.broadcast(pool)
     windows = TrainingWindows(pool.flatten(), config.seqlen, None, config.seed, shift=False)
-    description = describe_generated(pool, config.prompts, seed=config.seed, temperature=1.0, top_p=0.95)
+    description = describe_generated(pool, config.prompts, config.seed)
     return windows, description, pool[: config.init_nsamples]
 
 
