@@ -44,3 +44,12 @@ def sample_folder():
     from sparsellm.models import sample_model_path
 
     return sample_model_path()
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models step faster on one thread, and do not fight other jobs for the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,9 +7,20 @@ import sys
 
 from ..errors import SparseLLMError
 from ..logging_utils import configure, logger
-from . import bench, bench_attention, compress, evaluate, generate, info, prune, report, sparsify_activations
+from . import (
+    bench,
+    bench_attention,
+    compress,
+    evaluate,
+    generate,
+    info,
+    prune,
+    report,
+    sparsify_activations,
+    train,
+)
 
-COMMANDS = [prune, evaluate, info, compress, report, sparsify_activations, bench, generate, bench_attention]
+COMMANDS = [prune, train, evaluate, info, compress, report, sparsify_activations, bench, generate, bench_attention]
 
 
 def build_parser() -> argparse.ArgumentParser:

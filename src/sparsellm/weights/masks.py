@@ -152,3 +152,18 @@ def pattern_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_ro
     if pattern.is_nm:
         return nm_mask(scores, pattern.n, pattern.m)
     return unstructured_mask(scores, sparsity, per_row=per_row)
+
+
+def gradual_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
+    """The keep-mask on the way to a pattern, for sparsity that grows during training.
+
+    Unstructured: the lowest ``round(sparsity * numel)`` scores. N:M: only weights that the final
+    N:M mask would drop (the M-N lowest of each group) are candidates, and the lowest
+    ``round(sparsity * numel)`` of them are pruned, so at ``sparsity = 1 - N/M`` the mask is exactly
+    ``nm_mask`` and before that every group already respects it.
+    """
+    if not pattern.is_nm:
+        return unstructured_mask(scores, sparsity)
+    final = nm_mask(scores, pattern.n, pattern.m)
+    count = min(round(sparsity * scores.numel()), int((~final).sum()))
+    return prune_lowest(scores.masked_fill(final, float("inf")), count)

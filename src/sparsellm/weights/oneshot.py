@@ -143,7 +143,8 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
           sampling: str = "consecutive", ignore: Sequence[str] = (),
           layer_sparsity: Mapping[str, float] | None = None,
           statistics: Mapping[str, InputStatistics] | None = None, device: str | None = None,
-          batch_size: int = 8, quantization: QuantScheme | None = None, **method_options) -> PruneReport:
+          batch_size: int = 8, quantization: QuantScheme | None = None, windows: torch.Tensor | None = None,
+          **method_options) -> PruneReport:
     """Prune every linear layer inside the decoder blocks of ``model``, in place.
 
     ``pattern`` is ``"unstructured"`` or ``"N:M"`` (N kept of every M inputs; it implies the
@@ -156,7 +157,8 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
     ``allocation.dense_pass(..., keep=True)``) replaces that pass with precomputed statistics of
     the dense model. Embeddings and the LM head are never pruned. ``quantization`` also quantizes
     the kept weights of every pruned layer (jointly inside SparseGPT, else GPTQ on the pruned
-    weights; both need calibration data).
+    weights; both need calibration data). ``windows`` (count, seqlen) token ids replace the
+    windows read from ``calib`` (text a teacher wrote, say).
     """
     started = time.perf_counter()
     pattern = Pattern.parse(pattern)
@@ -168,8 +170,10 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
         pattern.check_width(slot.columns, slot.name)
     needs = algorithm.needs | ({HESSIAN} if quantization is not None else set())
     calibrate = bool(needs) and statistics is None
-    windows, calibration = None, None
-    if calibrate or strategy.needs_pass:
+    calibration = None
+    if windows is not None:
+        calibration = {"name": "given windows", "nsamples": windows.shape[0], "seqlen": windows.shape[1]}
+    elif calibrate or strategy.needs_pass:
         if tokenizer is None:
             raise SparseLLMError(f"method {method} with allocation {strategy.name} needs calibration data, "
                                  "so a tokenizer")
