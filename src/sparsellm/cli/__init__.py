@@ -7,9 +7,9 @@ import sys
 
 from ..errors import SparseLLMError
 from ..logging_utils import configure, logger
-from . import evaluate, info, prune
+from . import evaluate, info, moefy, prune, upcycle
 
-COMMANDS = [prune, evaluate, info]
+COMMANDS = [prune, evaluate, info, moefy, upcycle]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Activation sparsity: each token runs only part of the network (mixture-of-experts in ``moe``)."""
