@@ -2,10 +2,10 @@ import platform
 
 import pytest
 import torch
-from tiny import make_tokenizer
 
 from sparsellm.data import builtin_corpus, load_text, split_text, token_windows, uses_bos
 from sparsellm.errors import OfflineError, SparseLLMError
+from tiny import make_tokenizer
 
 
 def test_builtin_split_is_80_20_and_documented_fingerprint():

@@ -1,13 +1,13 @@
 """The layer-by-layer engine: captured inputs, shared statistics, offloading, on five model families."""
 
 import torch
-from tiny import make_model, make_tokenizer, save_tiny
 
 from sparsellm import engine
 from sparsellm.data import load_text, token_windows
 from sparsellm.models import decoder_blocks, final_norm, linear_layers, load_model
 from sparsellm.weights import InputStatistics
 from sparsellm.weights.base import HESSIAN, NORMS
+from tiny import make_model, make_tokenizer, save_tiny
 
 
 def windows(tokenizer, count=6, seqlen=32):

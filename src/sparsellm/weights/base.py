@@ -95,6 +95,11 @@ class PruningMethod:
         """Return the pruned (out, in) float32 weight; ``weight`` may be modified in place."""
         raise NotImplementedError
 
+    def prune_group(self, weights: list[torch.Tensor], stats: InputStatistics | None, sparsities: list[float],
+                    pattern: Pattern) -> list[torch.Tensor]:
+        """Prune layers that share one input (and so one statistics object); methods may batch them."""
+        return [self.prune(w, stats, s, pattern) for w, s in zip(weights, sparsities, strict=True)]
+
 
 METHODS: dict[str, type[PruningMethod]] = {}
 

@@ -86,6 +86,14 @@ def _targets(names: Sequence[str], sparsity: float, pattern: Pattern, ignore: Se
     return targets
 
 
+def _shared_input_groups(names: list[str], stats: dict) -> list[list[str]]:
+    """Layers that share one statistics object (they read the same input), in module order."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(id(stats[name]) if name in stats else id(name), []).append(name)
+    return list(groups.values())
+
+
 def relative_error(before: torch.Tensor, after: torch.Tensor, probe: torch.Tensor | None) -> float | None:
     if probe is None or probe.numel() == 0:
         return None
@@ -136,22 +144,25 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
             stats = step.collect(lambda name, module: InputStatistics(in_features(module), algorithm.needs),
                                  {name: layers[name] for name in targets})
         solve_started = time.perf_counter()
-        for name, target in targets.items():
-            layer_started = time.perf_counter()
-            module = layers[name]
-            dense = weight_matrix(module)
-            pruned = algorithm.prune(dense.clone(), stats.get(name), target, pattern)
-            set_weight_matrix(module, pruned)
-            probe = stats[name].probe if name in stats else None
-            result = LayerResult(
-                name, tuple(dense.shape), target, str(pattern),
-                (pruned == 0).float().mean().item(), relative_error(dense, pruned, probe),
-                time.perf_counter() - layer_started,
-            )
+        results = {}
+        for group in _shared_input_groups(list(targets), stats):
+            group_started = time.perf_counter()
+            dense = [weight_matrix(layers[name]) for name in group]
+            pruned = algorithm.prune_group([w.clone() for w in dense], stats.get(group[0]),
+                                           [targets[name] for name in group], pattern)
+            seconds = (time.perf_counter() - group_started) / len(group)
+            for name, before, after in zip(group, dense, pruned, strict=True):
+                set_weight_matrix(layers[name], after)
+                probe = stats[name].probe if name in stats else None
+                results[name] = LayerResult(name, tuple(before.shape), targets[name], str(pattern),
+                                            (after == 0).float().mean().item(),
+                                            relative_error(before, after, probe), seconds)
+        for name in targets:
+            result = results[name]
             report.layers.append(result)
-            logger.info("%s %s: sparsity %.4f, relative error %s, %.2f s", name, tuple(dense.shape),
-                         result.sparsity, f"{result.relative_error:.4f}" if result.relative_error is not None
-                         else "n/a", result.seconds)
+            logger.info("%s %s: sparsity %.4f, relative error %s, %.2f s", name, result.shape,
+                        result.sparsity, f"{result.relative_error:.4f}" if result.relative_error is not None
+                        else "n/a", result.seconds)
         step.seconds["solve"] = time.perf_counter() - solve_started
         if windows is not None:
             step.propagate()

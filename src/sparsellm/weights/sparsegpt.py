@@ -52,12 +52,23 @@ class SparseGPT(PruningMethod):
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
               pattern: Pattern) -> torch.Tensor:
-        return self.fasterprune(weight, stats.scaled_hessian().to(weight.device), sparsity, pattern)
+        return self.fasterprune(weight, stats.scaled_hessian().to(weight.device), [sparsity], pattern)
 
-    def fasterprune(self, weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
-                    pattern: Pattern) -> torch.Tensor:
+    def prune_group(self, weights: list[torch.Tensor], stats: InputStatistics | None, sparsities: list[float],
+                    pattern: Pattern) -> list[torch.Tensor]:
+        # Layers that read the same input (q/k/v, gate/up) share H: stacking their rows gives one
+        # column sweep instead of several; rows never interact, and masks stay per layer.
+        stacked = torch.cat(weights)
+        pruned = self.fasterprune(stacked, stats.scaled_hessian().to(stacked.device), sparsities, pattern,
+                                  [w.shape[0] for w in weights])
+        return list(pruned.split([w.shape[0] for w in weights]))
+
+    def fasterprune(self, weight: torch.Tensor, hessian: torch.Tensor, sparsities: list[float],
+                    pattern: Pattern, segments: list[int] | None = None) -> torch.Tensor:
+        """Prune ``weight`` (rows = the stacked ``segments``, one per layer) given H = 2/n sum X X^T."""
         W = weight.float()
         rows, columns = W.shape
+        segments = segments or [rows]
         H = hessian.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
@@ -68,31 +79,52 @@ class SparseGPT(PruningMethod):
         if pattern.is_nm:  # N:M groups must not straddle column blocks
             blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
         starts = list(range(0, columns, blocksize))
-        block_counts = split_count(sparsity, [rows * (min(s + blocksize, columns) - s) for s in starts])
+        widths = [min(s + blocksize, columns) - s for s in starts]
+        # Exact per-layer counts: each layer's share of every block, summing to round(s * numel).
+        counts = [split_count(s, [r * w for w in widths]) for r, s in zip(segments, sparsities, strict=True)]
+        row_starts = [sum(segments[:k]) for k in range(len(segments))]
 
-        for i1, prune_count in zip(starts, block_counts, strict=False):
-            i2 = min(i1 + blocksize, columns)
+        for b, i1 in enumerate(starts):
+            i2 = i1 + widths[b]
             W1 = W[:, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             d = torch.diag(Hinv1)
-            if pattern.is_nm:
-                pruned = torch.zeros_like(W1, dtype=torch.bool)
-            else:
-                pruned = ~prune_lowest(W1.square() / d.square().unsqueeze(0), prune_count)
+            pruned = torch.zeros_like(W1, dtype=torch.bool)
+            if not pattern.is_nm:
+                scores = W1.square() / d.square().unsqueeze(0)
+                for r0, r, layer_counts in zip(row_starts, segments, counts, strict=True):
+                    pruned[r0 : r0 + r] = ~prune_lowest(scores[r0 : r0 + r], layer_counts[b])
+            self._sweep(W1, Err1, Hinv1, pruned, pattern)
+            W[:, i1:i2] = W1
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        return W
 
-            for i in range(i2 - i1):
+    def _sweep(self, W1: torch.Tensor, Err1: torch.Tensor, Hinv1: torch.Tensor, pruned: torch.Tensor,
+               pattern: Pattern) -> None:
+        """The sequential OBS updates inside one column block, in place.
+
+        Updates reach only the next ``SUBBLOCK`` columns at once; the rest of the block gets them
+        as one matrix product per sub-block (the lazy-batch idea one level down: narrower rank-1
+        updates stay in cache). N:M masks are chosen at every M-th column on updated weights.
+        """
+        d = torch.diag(Hinv1)
+        width = W1.shape[1]
+        step = max(pattern.m, SUBBLOCK // pattern.m * pattern.m) if pattern.is_nm else SUBBLOCK
+        for s1 in range(0, width, step):
+            s2 = min(s1 + step, width)
+            for i in range(s1, s2):
                 if pattern.is_nm and i % pattern.m == 0:
                     group = W1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square().unsqueeze(0)
-                    drop = torch.full((rows,), pattern.m - pattern.n, device=W.device)
+                    drop = torch.full((W1.shape[0],), pattern.m - pattern.n, device=W1.device)
                     pruned[:, i : i + pattern.m] = ~prune_lowest_per_row(group, drop)
                 w = W1[:, i]
                 q = w.masked_fill(pruned[:, i], 0.0)
                 err = (w - q) / d[i]
-                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                W1[:, i:s2] -= err.unsqueeze(1) * Hinv1[i, i:s2].unsqueeze(0)
                 W1[:, i] = q
                 Err1[:, i] = err
+            W1[:, s2:].addmm_(Err1[:, s1:s2], Hinv1[s1:s2, s2:], alpha=-1)
 
-            W[:, i1:i2] = W1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        return W
+
+SUBBLOCK = 32
