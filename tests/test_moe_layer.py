@@ -37,9 +37,12 @@ def reference(layer: MoELayer, x: torch.Tensor):
         probs = [math.exp(v) / total for v in logits]
         ranked = sorted(range(config.num_experts), key=lambda e: -probs[e])[: config.top_k]
         chosen = sum(probs[e] for e in ranked)
-        weight = {"softmax": lambda e: probs[e], "normalized": lambda e: probs[e] / chosen,
-                  "ones": lambda e: 1.0}[config.weighting]
-        choices.append([(e, weight(e)) for e in ranked])
+        if config.weighting == "softmax":
+            choices.append([(e, probs[e]) for e in ranked])
+        elif config.weighting == "normalized":
+            choices.append([(e, probs[e] / chosen) for e in ranked])
+        else:
+            choices.append([(e, 1.0) for e in ranked])
     served = [0] * config.num_experts
     output = torch.zeros(tokens, HIDDEN, dtype=torch.float64)
     kept = torch.zeros(tokens, config.top_k, dtype=torch.bool)

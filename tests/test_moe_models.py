@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer
 
 from sparsellm import checkpoint
 from sparsellm.activations.moe import load_balancing_loss, moe_layers, router_z_loss, set_top_k, upcycle
@@ -17,6 +16,7 @@ from sparsellm.activations.moe.upcycle import moe_block_indices
 from sparsellm.cli import main
 from sparsellm.errors import SparseLLMError
 from sparsellm.models import decoder_blocks, load_model
+from tiny import make_model, make_tokenizer
 
 GATED = ("llama", "qwen2", "gemma3")
 
