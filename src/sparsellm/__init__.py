@@ -10,3 +10,12 @@ from .weights.oneshot import prune
 evaluate = perplexity
 
 __all__ = ["evaluate", "load_model", "perplexity", "prune", "save"]
+
+
+def __getattr__(name: str):
+    # sparsellm.moe is imported on first use: importing it loads transformers (to register the MoE model type)
+    if name == "moe":
+        from .activations import moe
+
+        return moe
+    raise AttributeError(f"module 'sparsellm' has no attribute {name!r}")
