@@ -15,7 +15,7 @@ from sparsellm.activations.moe.train import plot_training, router_losses, train
 from sparsellm.activations.moe.upcycle import moe_block_indices
 from sparsellm.cli import main
 from sparsellm.errors import SparseLLMError
-from sparsellm.models import decoder_blocks, load_model
+from sparsellm.models import decoder_blocks, linear_layers, load_model
 from tiny import make_model, make_tokenizer
 
 GATED = ("llama", "qwen2", "gemma3")
@@ -130,6 +130,7 @@ def test_upcycled_model_with_identical_experts_is_the_dense_model(arch):
     layer = next(iter(moe_layers(model).values()))
     assert layer.experts.gate_up_proj.shape == (4, 256, 64)
     assert len(set(layer.last_routing.experts.reshape(-1).tolist())) > 1  # the noisy router spreads tokens
+    assert not [name for name in linear_layers(decoder_blocks(model)[1][0]) if "mlp" in name]  # pruning skips MoE
     noisy = make_model(arch)
     upcycle(noisy, num_experts=4, top_k=2, expert_noise=0.1)
     assert not torch.allclose(logits(noisy, ids), dense, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,7 @@ Importing this package registers the ``sparsellm_moe`` model type with transform
 load with a plain ``AutoModelForCausalLM.from_pretrained`` too.
 """
 
-from .layer import Experts, MoEConfig, MoELayer, Routing, load_balancing_loss, router_z_loss
+from .layer import Experts, MoEConfig, MoELayer, Router, Routing, load_balancing_loss, router_z_loss
 from .modeling import as_moe_model, is_moe_model, moe_layers, register, set_top_k
 from .moefy import MoEfyReport, moefy
 from .speed import decode_mlp_seconds
@@ -14,7 +14,7 @@ from .upcycle import upcycle
 register()
 
 __all__ = [
-    "Experts", "MoEConfig", "MoELayer", "MoEfyReport", "Routing", "TrainLog", "as_moe_model", "decode_mlp_seconds",
+    "Experts", "MoEConfig", "MoELayer", "MoEfyReport", "Router", "Routing", "TrainLog", "as_moe_model", "decode_mlp_seconds",
     "expert_counts", "is_moe_model", "load_balancing_loss", "moe_layers", "moefy", "plot_training", "register",
     "router_losses", "router_z_loss", "set_top_k", "train", "upcycle",
 ]

@@ -93,6 +93,20 @@ class Routing:
         return torch.bincount(experts.reshape(-1), minlength=self.logits.shape[-1])
 
 
+class Router(nn.Module):
+    """logits = W x + b in float32. Not an ``nn.Linear``, so weight pruning leaves routers alone."""
+
+    def __init__(self, hidden_size: int, num_experts: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        nn.init.uniform_(self.weight, -hidden_size ** -0.5, hidden_size ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.float() if self.bias is not None else None
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class Experts(nn.Module):
     """E gated MLPs stacked: ``down(act(gate x) * up x)`` with gate and up fused in one matrix."""
 
@@ -122,7 +136,7 @@ class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
         super().__init__()
         self.moe_config = config
-        self.router = nn.Linear(hidden_size, config.num_experts, bias=config.router_bias)
+        self.router = Router(hidden_size, config.num_experts, config.router_bias)
         self.experts = Experts(config.num_experts, hidden_size, config.expert_size, config.activation)
         self.last_routing: Routing | None = None
 
@@ -154,8 +168,7 @@ class MoELayer(nn.Module):
         inputs = x.float()
         if self.training and config.jitter > 0:
             inputs = inputs * torch.empty_like(inputs).uniform_(1 - config.jitter, 1 + config.jitter)
-        bias = self.router.bias.float() if self.router.bias is not None else None
-        logits = F.linear(inputs, self.router.weight.float(), bias)
+        logits = self.router(inputs)
         probs = logits.softmax(dim=-1)
         top_probs, experts = probs.topk(config.top_k, dim=-1)
         if config.weighting == "softmax":

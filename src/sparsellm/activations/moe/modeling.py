@@ -3,8 +3,8 @@
 A converted folder's ``config.json`` is the dense family's config plus three keys:
 ``model_type: sparsellm_moe``, ``dense_model_type`` (e.g. ``llama``) and ``moe`` (the layer
 settings and which blocks are MoE). Its safetensors hold the dense model's tensors, except that each
-MoE block's ``mlp.*`` tensors are ``mlp.router.weight`` (E, H), ``mlp.experts.gate_up_proj``
-(E, 2F, H) and ``mlp.experts.down_proj`` (E, H, F).
+MoE block's ``mlp.*`` tensors are ``mlp.router.weight`` (E, H) (and ``mlp.router.bias`` (E,) for
+MoEfied models), ``mlp.experts.gate_up_proj`` (E, 2F, H) and ``mlp.experts.down_proj`` (E, H, F).
 
 Why a model type of our own rather than patching MLPs after loading the dense architecture: a
 plain ``AutoModelForCausalLM.from_pretrained`` without sparsellm fails loudly ("unrecognized model
