@@ -15,13 +15,14 @@ def decode_mlp_seconds(stacks: dict[str, Sequence[nn.Module]], hidden_size: int,
                        dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, float]:
     """Median seconds for one token to pass through each stack of MLPs (e.g. all blocks' MLPs).
 
-    The stacks run interleaved within each repeat, after one warm-up pass each, so they share the
-    machine's state; a whole model's MLPs are far larger than the cache, so weights come from
-    memory as they do in decoding.
+    Each repeat draws a new token (so MoE layers route it to other experts, as successive decoded
+    tokens are) and runs the stacks on it one after the other, after one warm-up repeat. A whole
+    model's MLPs are larger than the cache, so weights come from memory as they do in decoding.
     """
-    token = torch.randn(1, 1, hidden_size, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    generator = torch.Generator().manual_seed(seed)
     timings: dict[str, list[float]] = {name: [] for name in stacks}
     for repeat in range(repeats + 1):
+        token = torch.randn(1, 1, hidden_size, generator=generator).to(dtype)
         for name, modules in stacks.items():
             started = time.perf_counter()
             for module in modules:
