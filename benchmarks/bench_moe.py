@@ -80,8 +80,11 @@ def bench_layer(hidden: int, width: int, experts: int, tokens: int, repeats: int
             "tokens_per_expert": counts}
 
 
+WINDOWS = 32  # the protocol's; --windows lowers it for a quick trial
+
+
 def perplexity(model, tokenizer) -> float:
-    return sparsellm.perplexity(model, tokenizer).perplexity
+    return sparsellm.perplexity(model, tokenizer, max_windows=WINDOWS).perplexity
 
 
 def bench_moefy(args, results: dict) -> None:
@@ -92,7 +95,7 @@ def bench_moefy(args, results: dict) -> None:
     untrained = copy.deepcopy(model)
     report = moefy(untrained, tokenizer, 16, 4, router_steps=0, nsamples=args.nsamples)
     decode_stacks = {"dense": dense_mlps}
-    for top_k in (16, 8, 4):
+    for top_k in (16, 12, 8, 4):
         set_top_k(untrained, top_k)
         rows.append({"router": "least squares", "top_k": top_k, "share": top_k / 16,
                      "ppl": perplexity(untrained, tokenizer), "moefy_seconds": report.seconds,
@@ -175,8 +178,11 @@ def main() -> None:
     parser.add_argument("--train-seqlen", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--balance-weight", type=float, default=0.01)
+    parser.add_argument("--windows", type=int, default=WINDOWS, help="perplexity windows (protocol: 32)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "moe")
     args = parser.parse_args()
+    global WINDOWS
+    WINDOWS = args.windows
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict = {"threads": args.threads, "parts": args.parts}

@@ -199,21 +199,22 @@ class MoELayer(nn.Module):
             keep = routing.kept.reshape(-1)
             token_index, expert_index, weights = token_index[keep], expert_index[keep], weights[keep]
         order = expert_index.argsort(stable=True)
-        token_index = token_index[order]
+        token_index, weights = token_index[order], weights[order].to(x.dtype).unsqueeze(-1)
         counts = torch.bincount(expert_index, minlength=self.moe_config.num_experts).tolist()
-        grouped = x.index_select(0, token_index)
-        outputs, start = [], 0
-        for expert, count in enumerate(counts):
-            if count:
-                outputs.append(self.experts(expert, grouped[start : start + count]))
-                start += count
         output = torch.zeros_like(x)
-        if not outputs:
-            return output
-        expert_outputs = torch.cat(outputs)
-        if self.moe_config.weighting != "ones":
-            expert_outputs = expert_outputs * weights[order].to(x.dtype).unsqueeze(-1)
-        return output.index_add_(0, token_index, expert_outputs)
+        start = 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            # this expert's tokens: a contiguous run of the sorted assignments; gathered, run and
+            # added back one expert at a time, so the working set stays small
+            tokens_here = token_index[start : start + count]
+            expert_output = self.experts(expert, x.index_select(0, tokens_here))
+            if self.moe_config.weighting != "ones":
+                expert_output = expert_output * weights[start : start + count]
+            output.index_add_(0, tokens_here, expert_output)
+            start += count
+        return output
 
     def _single_token(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         output = None
