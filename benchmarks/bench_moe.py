@@ -80,17 +80,14 @@ def bench_layer(hidden: int, width: int, experts: int, tokens: int, repeats: int
             "tokens_per_expert": counts}
 
 
-WINDOWS = 32  # the protocol's; --windows lowers it for a quick trial
-
-
-def perplexity(model, tokenizer) -> float:
-    return sparsellm.perplexity(model, tokenizer, max_windows=WINDOWS).perplexity
+def perplexity(model, tokenizer, windows: int) -> float:
+    return sparsellm.perplexity(model, tokenizer, max_windows=windows).perplexity
 
 
 def bench_moefy(args, results: dict) -> None:
     model, tokenizer = sparsellm.load_model("sample")
     dense_mlps = [copy.deepcopy(gated_mlp(block)) for block in decoder_blocks(model)[1]]
-    results["dense_ppl"] = perplexity(model, tokenizer)
+    results["dense_ppl"] = perplexity(model, tokenizer, args.windows)
     rows = results.setdefault("moefy", [])
     untrained = copy.deepcopy(model)
     report = moefy(untrained, tokenizer, 16, 4, router_steps=0, nsamples=args.nsamples)
@@ -98,14 +95,14 @@ def bench_moefy(args, results: dict) -> None:
     for top_k in (16, 12, 8, 4):
         set_top_k(untrained, top_k)
         rows.append({"router": "least squares", "top_k": top_k, "share": top_k / 16,
-                     "ppl": perplexity(untrained, tokenizer), "moefy_seconds": report.seconds,
+                     "ppl": perplexity(untrained, tokenizer, args.windows), "moefy_seconds": report.seconds,
                      "router_recall": _mean_recall(report) if top_k == 4 else None})
     del untrained
     for top_k in (8, 4):
         trained = copy.deepcopy(model)
         report = moefy(trained, tokenizer, 16, top_k, router_steps=args.router_steps, nsamples=args.nsamples)
         rows.append({"router": f"trained ({args.router_steps} steps)", "top_k": top_k, "share": top_k / 16,
-                     "ppl": perplexity(trained, tokenizer), "moefy_seconds": report.seconds,
+                     "ppl": perplexity(trained, tokenizer, args.windows), "moefy_seconds": report.seconds,
                      "router_recall": _mean_recall(report)})
         decode_stacks[f"moe_{100 * top_k // 16}pct"] = [block.mlp for block in decoder_blocks(trained)[1]]
     if "decode" in args.parts:
@@ -158,7 +155,7 @@ def bench_upcycle(args, results: dict) -> None:
             "lm_loss_last5": statistics.mean(s["lm_loss"] for s in log.steps[-5:]),
             "balance_loss_last5": statistics.mean(s["balance_loss"] for s in log.steps[-5:]),
             "max_expert_share": share.max().item(), "min_expert_share": share.min().item(),
-            "ppl_after": perplexity(model, tokenizer),
+            "ppl_after": perplexity(model, tokenizer, args.windows),
         })
         del model
     plot_training(runs, args.output)
@@ -178,11 +175,9 @@ def main() -> None:
     parser.add_argument("--train-seqlen", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--balance-weight", type=float, default=0.01)
-    parser.add_argument("--windows", type=int, default=WINDOWS, help="perplexity windows (protocol: 32)")
+    parser.add_argument("--windows", type=int, default=32, help="perplexity windows (protocol: 32)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "moe")
     args = parser.parse_args()
-    global WINDOWS
-    WINDOWS = args.windows
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict = {"threads": args.threads, "parts": args.parts}
