@@ -180,3 +180,18 @@ def test_gradients_reach_the_router(weighting):
 def test_bad_config_is_one_line(options, message):
     with pytest.raises(SparseLLMError, match=message):
         MoEConfig(4, 8, **options)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_only_the_chosen_experts_weights_are_used(tokens):
+    """Poison every expert no token chose: the output does not change, so their weights were never read."""
+    layer = make_layer(num_experts=8, top_k=2)
+    x = torch.randn(tokens, HIDDEN)
+    with torch.no_grad():
+        expected = layer(x)
+        chosen = set(layer.last_routing.experts.reshape(-1).tolist())
+        for expert in set(range(8)) - chosen:
+            layer.experts.gate_up_proj[expert] = float("nan")
+            layer.experts.down_proj[expert] = float("nan")
+        assert torch.equal(layer(x), expected)
+    assert layer.experts.gate_up_proj[3].is_contiguous() and layer.experts.down_proj[3].is_contiguous()
