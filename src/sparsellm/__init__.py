@@ -24,4 +24,9 @@ def __getattr__(name: str):
         from .report import write_report
 
         return write_report
+    # sparsellm.moe is imported on first use: importing it loads transformers (to register the MoE model type)
+    if name == "moe":
+        from .activations import moe
+
+        return moe
     raise AttributeError(f"module 'sparsellm' has no attribute {name!r}")

@@ -129,11 +129,16 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
     return ModelSource("hub", text)
 
 
+def model_family(config) -> str | None:
+    """The architecture family: the model type, or for a sparsellm MoE model the dense family it came from."""
+    return getattr(config, "dense_model_type", None) or getattr(config, "model_type", None)
+
+
 def check_causal_lm(config) -> None:
     """Refuse configs that have no AutoModelForCausalLM class or are encoder-decoder."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model_type = getattr(config, "model_type", None)
+    model_type = model_family(config)
     if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise SparseLLMError(
             f"unsupported model: model_type '{model_type}' is not a decoder-only causal language model"
@@ -149,6 +154,9 @@ def check_causal_lm(config) -> None:
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
+    from .activations.moe.modeling import register
+
+    register()  # sparsellm's own model types (MoE) load without trust_remote_code
     try:
         return AutoConfig.from_pretrained(source.location)
     except OSError as exc:
@@ -238,7 +246,7 @@ def _get(module: nn.Module, dotted: str) -> nn.Module:
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks of a causal LM and their dotted path."""
-    model_type = getattr(model.config, "model_type", "")
+    model_type = model_family(model.config) or ""
     if model_type in BLOCK_PATHS:
         path = BLOCK_PATHS[model_type][0]
         return path, _get(model, path)
@@ -254,7 +262,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm applied between the last block and the LM head, when the family is in the table."""
-    entry = BLOCK_PATHS.get(getattr(model.config, "model_type", ""))
+    entry = BLOCK_PATHS.get(model_family(model.config) or "")
     return _get(model, entry[1]) if entry else None
 
 

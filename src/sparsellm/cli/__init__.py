@@ -14,13 +14,16 @@ from . import (
     evaluate,
     generate,
     info,
+    moefy,
     prune,
     report,
     sparsify_activations,
     train,
+    upcycle,
 )
 
-COMMANDS = [prune, train, evaluate, info, compress, report, sparsify_activations, bench, generate, bench_attention]
+COMMANDS = [prune, train, evaluate, info, compress, report, sparsify_activations, bench, generate, bench_attention,
+            moefy, upcycle]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,159 @@
+"""Training an MoE model with its auxiliary losses, expert usage, and the plots people look at.
+
+The loss of a step is ``LM loss + balance_weight * L_balance + z_weight * L_z``, where
+L_balance and L_z are the Switch load-balancing loss and the router z-loss averaged over the MoE
+layers (so the weights do not depend on how many layers are MoE; Switch used 0.01 for the
+balance and ST-MoE 0.001 for the z-loss). A small loop of its own: the training issue's trainer was
+not in the code base when this was written, and this loop needs nothing but the aux losses added.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...data import Text, check_context, load_text, token_windows
+from ...errors import SparseLLMError
+from ...logging_utils import logger, progress
+from .layer import load_balancing_loss, router_z_loss
+from .modeling import moe_layers
+
+
+def router_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, z-loss) of the model's last forward pass, averaged over its MoE layers."""
+    routings = [layer.last_routing for layer in moe_layers(model).values()]
+    if not routings or any(r is None for r in routings):
+        raise SparseLLMError("no routing recorded: run a forward pass through an MoE model first")
+    balance = torch.stack([load_balancing_loss(r.probs, r.experts) for r in routings]).mean()
+    z_loss = torch.stack([router_z_loss(r.logits) for r in routings]).mean()
+    return balance, z_loss
+
+
+def expert_counts(model: nn.Module) -> torch.Tensor:
+    """Assignments each expert of each MoE layer served in the last forward pass: (layers, E)."""
+    return torch.stack([layer.last_routing.expert_counts().cpu() for layer in moe_layers(model).values()])
+
+
+@dataclass
+class TrainLog:
+    """Per step: total loss, LM loss, balance and z-loss; and expert usage summed over all steps."""
+
+    balance_weight: float
+    z_weight: float
+    steps: list[dict] = field(default_factory=list)
+    usage: torch.Tensor | None = None  # (MoE layers, E) assignments served
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"balance_weight": self.balance_weight, "z_weight": self.z_weight, "steps": self.steps,
+                "usage": self.usage.tolist() if self.usage is not None else None, "tokens": self.tokens,
+                "seconds": round(self.seconds, 2)}
+
+
+def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: int = 100, batch_size: int = 4,
+          seqlen: int = 256, lr: float = 1e-4, balance_weight: float = 0.01, z_weight: float = 0.001,
+          only_moe: bool = False, seed: int = 0) -> TrainLog:
+    """Train ``model`` in place with AdamW on windows of the calibration split of ``data``.
+
+    Windows are drawn without replacement in a seeded order (cycling when they run out); the
+    evaluation split is never seen. ``only_moe`` trains the routers and experts alone.
+    """
+    if steps < 1 or batch_size < 1:
+        raise SparseLLMError("steps and batch size must be at least 1")
+    if not moe_layers(model):
+        raise SparseLLMError("the model has no MoE layers to train")
+    check_context(model, seqlen)
+    text = data if isinstance(data, Text) else load_text(data, "calibration")
+    windows = token_windows(tokenizer, text, seqlen)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(windows), generator=generator)
+                       for _ in range(-(-steps * batch_size // len(windows)))])
+    moe_prefixes = tuple(f"{name}." for name in moe_layers(model))
+    trainable = {name: not only_moe or name.startswith(moe_prefixes) for name, _ in model.named_parameters()}
+    was_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    parameters = [p for name, p in model.named_parameters() if trainable[name]]
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[name])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    log = TrainLog(balance_weight, z_weight)
+    device = model.get_input_embeddings().weight.device
+    started = time.perf_counter()
+    model.train()
+    bar = progress(range(steps), desc="train", unit="step")
+    for step in bar:
+        batch = windows[order[step * batch_size : (step + 1) * batch_size]].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        balance, z_loss = router_losses(model)
+        loss = lm_loss + balance_weight * balance + z_weight * z_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        counts = expert_counts(model)
+        log.usage = counts if log.usage is None else log.usage + counts
+        log.tokens += batch.numel()
+        log.steps.append({"step": step + 1, "loss": loss.item(), "lm_loss": lm_loss.item(),
+                          "balance_loss": balance.item(), "z_loss": z_loss.item(),
+                          "seconds": round(time.perf_counter() - started, 2)})
+        bar.set_postfix(lm=f"{lm_loss.item():.3f}", balance=f"{balance.item():.3f}")
+    model.eval()
+    for name, param in model.named_parameters():
+        param.requires_grad_(was_trainable[name])
+    log.seconds = time.perf_counter() - started
+    logger.info("trained %d steps (%d tokens) in %.1f s: LM loss %.3f -> %.3f, balance loss %.3f -> %.3f",
+                steps, log.tokens, log.seconds, log.steps[0]["lm_loss"], log.steps[-1]["lm_loss"],
+                log.steps[0]["balance_loss"], log.steps[-1]["balance_loss"])
+    return log
+
+
+def plot_training(runs: dict[str, TrainLog], folder: str | Path) -> list[Path]:
+    """Write loss.png (LM and balance loss per step, one line per run) and expert_usage.png
+    (share of assignments per expert, one row of bars per run, each layer a thin line, the mean bold)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    figure, (lm_axis, balance_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, log in runs.items():
+        steps = [s["step"] for s in log.steps]
+        lm_axis.plot(steps, _smooth([s["lm_loss"] for s in log.steps]), label=label)
+        balance_axis.plot(steps, _smooth([s["balance_loss"] for s in log.steps]), label=label)
+    lm_axis.set(xlabel="step", ylabel="LM loss (moving mean of 5)", title="language-model loss")
+    balance_axis.set(xlabel="step", ylabel="load-balancing loss (1 = balanced)", title="load balance")
+    balance_axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    for axis in (lm_axis, balance_axis):
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    loss_path = folder / "loss.png"
+    figure.savefig(loss_path, dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False, sharey=True)
+    for axis, (label, log) in zip(axes[0], runs.items(), strict=True):
+        share = log.usage.float() / log.usage.sum(dim=1, keepdim=True).clamp_min(1)
+        experts = range(share.shape[1])
+        axis.bar(experts, share.mean(dim=0).tolist(), color="tab:blue", alpha=0.6, label="mean over layers")
+        for row in share.tolist():
+            axis.plot(experts, row, color="black", alpha=0.15, linewidth=0.8)
+        axis.axhline(1 / share.shape[1], color="tab:red", linestyle="--", linewidth=1, label="balanced")
+        axis.set(xlabel="expert", ylabel="share of assignments", title=label, xticks=list(experts))
+        axis.legend()
+    figure.tight_layout()
+    usage_path = folder / "expert_usage.png"
+    figure.savefig(usage_path, dpi=120)
+    plt.close(figure)
+    return [loss_path, usage_path]
+
+
+def _smooth(values: list[float], width: int = 5) -> list[float]:
+    return [sum(values[max(0, i - width + 1) : i + 1]) / (i + 1 - max(0, i - width + 1)) for i in range(len(values))]

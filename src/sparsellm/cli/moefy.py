@@ -1,0 +1,98 @@
+"""sparsellm moefy: split every MLP of a dense model into experts and route each token to k of them."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+from .. import checkpoint, evaluation
+from ..activations.moe import moe_layers
+from ..activations.moe.modeling import gated_mlp
+from ..activations.moe.moefy import CLUSTERINGS, moefy
+from ..activations.moe.speed import decode_mlp_seconds
+from ..models import decoder_blocks
+from .common import add_eval, add_model, add_runtime, emit
+from .prune import load
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "moefy", help="MoEfication: split each MLP into equal experts, k per token",
+        description="Cluster each gated MLP's neurons into equal experts and fit a router per block, "
+                    "one block at a time on calibration text.")
+    add_model(parser)
+    parser.add_argument("--experts", type=int, default=16, help="experts per MLP (must divide its width)")
+    parser.add_argument("--top-k", type=int, default=4, help="experts each token runs (default 4)")
+    parser.add_argument("--cluster", default="coactivation", choices=CLUSTERINGS,
+                        help="group neurons that fire together (coactivation) or with similar weights")
+    parser.add_argument("--router-steps", type=int, default=0,
+                        help="Adam steps per block that train the router to pick each token's best experts")
+    parser.add_argument("--router-lr", type=float, default=1e-3, help="router training learning rate")
+    add_moe_common(parser)
+    parser.add_argument("--calib", default="builtin",
+                        help="calibration text: builtin, a .txt file or folder, or a datasets name (online)")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clustering")
+    add_eval(parser, prefix="eval-")
+    add_runtime(parser)
+    parser.set_defaults(run=run)
+
+
+def add_moe_common(parser: argparse.ArgumentParser) -> None:
+    """Options moefy and upcycle share."""
+    parser.add_argument("--capacity-factor", type=float, default=None,
+                        help="cap each expert at factor * k * tokens / experts per forward call (default: dropless)")
+    parser.add_argument("--output", required=True, help="folder for the MoE model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    parser.add_argument("--measure-decode", action="store_true",
+                        help="time one token through all MLPs, dense vs MoE (interleaved medians)")
+
+
+def dense_mlps(model) -> list:
+    """Copies of the model's dense MLPs, kept aside to time against the MoE layers."""
+    _, blocks = decoder_blocks(model)
+    return [copy.deepcopy(gated_mlp(block)) for block in blocks]
+
+
+def decode_lines(model, dense: list) -> tuple[dict, list[str]]:
+    """Time one token through the dense MLPs and the model's MLPs now; a result dict and a line."""
+    _, blocks = decoder_blocks(model)
+    seconds = decode_mlp_seconds({"dense": dense, "moe": [block.mlp for block in blocks]},
+                                 model.config.hidden_size, dtype=next(model.parameters()).dtype)
+    ratio = seconds["dense"] / seconds["moe"]
+    return ({"dense_ms": seconds["dense"] * 1e3, "moe_ms": seconds["moe"] * 1e3, "speedup": ratio},
+            [f"decode MLP time per token (all {len(blocks)} blocks): dense {seconds['dense'] * 1e3:.2f} ms, "
+             f"MoE {seconds['moe'] * 1e3:.2f} ms ({ratio:.2f}x)"])
+
+
+def run(args: argparse.Namespace) -> int:
+    checkpoint.check_output(args.output, args.overwrite)
+    model, tokenizer = load(args)
+    eval_kwargs = {"data": args.eval_data, "seqlen": args.eval_seqlen,
+                   "max_windows": args.eval_windows or None, "batch_size": args.eval_batch_size}
+    before = evaluation.perplexity(model, tokenizer, **eval_kwargs) if args.eval else None
+    dense = dense_mlps(model) if args.measure_decode else None
+    report = moefy(model, tokenizer, args.experts, args.top_k, cluster=args.cluster, router_steps=args.router_steps,
+                   router_lr=args.router_lr, capacity_factor=args.capacity_factor, calib=args.calib,
+                   nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
+                   seed=args.seed)
+    metadata = {"model": str(args.model)} | report.to_dict()
+    recall = sum(layer.router_recall for layer in report.layers) / len(report.layers)
+    lines = [f"MoEfied {len(moe_layers(model))} MLPs into {args.experts} experts of "
+             f"{report.moe['expert_size']} neurons, top-{args.top_k} per token: a token runs "
+             f"{100 * report.active_share:.1f} % of each MLP's weights (router recall {recall:.3f}) "
+             f"in {report.seconds:.1f} s -> {args.output}"]
+    if args.eval:
+        after = evaluation.perplexity(model, tokenizer, **eval_kwargs)
+        metadata["evaluation"] = {"dense": before.to_dict(), "moe": after.to_dict()}
+        lines.append(f"perplexity: dense {before.perplexity:.3f} -> MoE {after.perplexity:.3f} "
+                     f"({after.tokens} tokens of {after.data['name']}/{after.data['split']})")
+    if dense is not None:
+        metadata["decode_mlp"], decode = decode_lines(model, dense)
+        lines += decode
+    checkpoint.save(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
+    emit(args, metadata, lines)
+    return 0

@@ -1,0 +1,197 @@
+"""The MoE layer against a slow per-token reference, the auxiliary losses against their formulas."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsellm.activations.moe import MoEConfig, MoELayer, load_balancing_loss, router_z_loss
+from sparsellm.errors import SparseLLMError
+
+HIDDEN, EXPERT_SIZE = 16, 8
+
+
+def make_layer(num_experts=4, top_k=1, capacity_factor=None, weighting="softmax", seed=0, **options):
+    torch.manual_seed(seed)
+    layer = MoELayer(HIDDEN, MoEConfig(num_experts, EXPERT_SIZE, top_k, capacity_factor, weighting, **options))
+    with torch.no_grad():  # a wide router so that routing is far from uniform and ties never happen
+        layer.router.weight.normal_(0, 1.0)
+    return layer.eval()
+
+
+def reference(layer: MoELayer, x: torch.Tensor):
+    """Loop over choice ranks, then tokens in order: each expert serves assignments until it is full."""
+    config = layer.moe_config
+    w_router = layer.router.weight.detach().double()
+    gate_up = layer.experts.gate_up_proj.detach().double()
+    down = layer.experts.down_proj.detach().double()
+    tokens = x.shape[0]
+    capacity = None if config.capacity_factor is None else \
+        max(1, math.ceil(config.capacity_factor * config.top_k * tokens / config.num_experts))
+    choices = []
+    for t in range(tokens):
+        logits = [sum(w_router[e, j].item() * x[t, j].item() for j in range(HIDDEN))
+                  for e in range(config.num_experts)]
+        total = sum(math.exp(v) for v in logits)
+        probs = [math.exp(v) / total for v in logits]
+        ranked = sorted(range(config.num_experts), key=lambda e: -probs[e])[: config.top_k]
+        chosen = sum(probs[e] for e in ranked)
+        if config.weighting == "softmax":
+            choices.append([(e, probs[e]) for e in ranked])
+        elif config.weighting == "normalized":
+            choices.append([(e, probs[e] / chosen) for e in ranked])
+        else:
+            choices.append([(e, 1.0) for e in ranked])
+    served = [0] * config.num_experts
+    output = torch.zeros(tokens, HIDDEN, dtype=torch.float64)
+    kept = torch.zeros(tokens, config.top_k, dtype=torch.bool)
+    for rank in range(config.top_k):
+        for t in range(tokens):
+            expert, weight = choices[t][rank]
+            if capacity is not None and served[expert] >= capacity:
+                continue
+            served[expert] += 1
+            kept[t, rank] = True
+            h = gate_up[expert] @ x[t].double()
+            gate, up = h[:EXPERT_SIZE], h[EXPERT_SIZE:]
+            output[t] += weight * (down[expert] @ (F.silu(gate) * up))
+    return output, kept, served
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "normalized", "ones"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_layer_equals_per_token_reference(top_k, capacity_factor, weighting):
+    layer = make_layer(num_experts=5, top_k=top_k, capacity_factor=capacity_factor, weighting=weighting)
+    x = torch.randn(23, HIDDEN)
+    expected, kept, served = reference(layer, x)
+    with torch.no_grad():
+        output = layer(x)
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
+    routing = layer.last_routing
+    if capacity_factor is None:
+        assert routing.kept is None
+    else:
+        assert torch.equal(routing.kept, kept)
+        if capacity_factor == 0.5:
+            assert not kept.all()  # the case really drops tokens
+    assert routing.expert_counts().tolist() == served
+
+
+def test_dropped_tokens_get_zero_and_keep_their_shape():
+    """A capacity of one assignment per expert: only the first token choosing each expert runs."""
+    layer = make_layer(num_experts=2, top_k=1, capacity_factor=1e-9)
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        output = layer(x)
+    assert output.shape == x.shape
+    flat_experts = layer.last_routing.experts[:, 0].tolist()
+    ran = [flat_experts.index(e) for e in set(flat_experts)]
+    for t in range(10):
+        assert (output.reshape(10, HIDDEN)[t].abs().sum() > 0) == (t in ran)
+
+
+def test_batched_input_equals_flattened_and_single_tokens_route_alike():
+    layer = make_layer(num_experts=6, top_k=2)
+    x = torch.randn(3, 7, HIDDEN)
+    with torch.no_grad():
+        batched = layer(x)
+        flat = layer(x.reshape(-1, HIDDEN))
+        single = torch.cat([layer(x.reshape(-1, HIDDEN)[t : t + 1]) for t in range(21)])
+    torch.testing.assert_close(batched.reshape(-1, HIDDEN), flat)
+    torch.testing.assert_close(single, flat, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_is_deterministic_and_float32():
+    layer = make_layer(num_experts=8, top_k=2, jitter=0.1).to(torch.bfloat16)
+    x = torch.randn(40, HIDDEN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = layer(x)
+        experts = layer.last_routing.experts.clone()
+        second = layer(x)
+    assert layer.last_routing.logits.dtype == torch.float32 and first.dtype == torch.bfloat16
+    assert torch.equal(experts, layer.last_routing.experts) and torch.equal(first, second)
+
+
+def test_jitter_only_in_training():
+    layer = make_layer(num_experts=8, top_k=1, jitter=0.5).train()
+    x = torch.randn(200, HIDDEN)
+    logits = [layer.route(x).logits for _ in range(2)]
+    assert not torch.equal(logits[0], logits[1])
+    clean = F.linear(x, layer.router.weight)
+    # each input entry is scaled by U(0.5, 1.5): the logits move, but far less than their own size
+    assert 0 < (logits[0] - clean).abs().mean() < 0.5 * clean.abs().mean()
+    layer.eval()
+    torch.testing.assert_close(layer.route(x).logits, clean)
+
+
+def test_capacity_formula():
+    assert MoEConfig(4, 8, top_k=2, capacity_factor=1.25).capacity(10) == 7  # ceil(1.25 * 2 * 10 / 4)
+    assert MoEConfig(8, 8, top_k=1, capacity_factor=1.0).capacity(256) == 32
+    assert MoEConfig(8, 8, top_k=1, capacity_factor=0.01).capacity(3) == 1
+    assert MoEConfig(8, 8).capacity(100) is None
+
+
+def test_load_balancing_loss_equals_formula():
+    torch.manual_seed(1)
+    probs = torch.randn(30, 5).softmax(-1)
+    experts = probs.topk(2, dim=-1).indices
+    f = [sum(int(e == i) for e in experts.reshape(-1).tolist()) / experts.numel() for i in range(5)]
+    p = [probs[:, i].mean().item() for i in range(5)]
+    expected = 5 * sum(fi * pi for fi, pi in zip(f, p, strict=True))
+    assert load_balancing_loss(probs, experts).item() == pytest.approx(expected, rel=1e-6)
+    # perfectly balanced: 1; everything on one expert with certainty: N
+    uniform = torch.full((8, 4), 0.25)
+    assert load_balancing_loss(uniform, torch.arange(8).remainder(4).unsqueeze(1)).item() == pytest.approx(1.0)
+    collapsed = F.one_hot(torch.zeros(8, dtype=torch.long), 4).float()
+    assert load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long)).item() == pytest.approx(4.0)
+
+
+def test_z_loss_equals_formula():
+    logits = torch.randn(12, 6) * 3
+    expected = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 12
+    assert router_z_loss(logits).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "normalized", "ones"])
+def test_gradients_reach_the_router(weighting):
+    layer = make_layer(num_experts=4, top_k=2, weighting=weighting).train()
+    x = torch.randn(32, HIDDEN)
+    output = layer(x)
+    routing = layer.last_routing
+    aux = load_balancing_loss(routing.probs, routing.experts) + router_z_loss(routing.logits)
+    aux.backward(retain_graph=True)
+    assert layer.router.weight.grad.abs().sum() > 0
+    layer.router.weight.grad = None
+    output.square().sum().backward()
+    grad = layer.router.weight.grad
+    if weighting == "softmax":  # the output itself depends on the router's probabilities
+        assert grad is not None and grad.abs().sum() > 0
+    assert layer.experts.gate_up_proj.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"top_k": 5}, "top-k must be between 1 and"),
+    ({"capacity_factor": 0.0}, "capacity factor must be positive"),
+    ({"weighting": "max"}, "unknown expert weighting"),
+    ({"jitter": 1.5}, "jitter must be in"),
+])
+def test_bad_config_is_one_line(options, message):
+    with pytest.raises(SparseLLMError, match=message):
+        MoEConfig(4, 8, **options)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_only_the_chosen_experts_weights_are_used(tokens):
+    """Poison every expert no token chose: the output does not change, so their weights were never read."""
+    layer = make_layer(num_experts=8, top_k=2)
+    x = torch.randn(tokens, HIDDEN)
+    with torch.no_grad():
+        expected = layer(x)
+        chosen = set(layer.last_routing.experts.reshape(-1).tolist())
+        for expert in set(range(8)) - chosen:
+            layer.experts.gate_up_proj[expert] = float("nan")
+            layer.experts.down_proj[expert] = float("nan")
+        assert torch.equal(layer(x), expected)
+    assert layer.experts.gate_up_proj[3].is_contiguous() and layer.experts.down_proj[3].is_contiguous()

@@ -1,0 +1,31 @@
+"""MoEfication of the built-in sample model (SmolLM2-135M-Instruct): exact with all experts, saved and reloaded."""
+
+import pytest
+import torch
+
+from sparsellm import checkpoint
+from sparsellm.activations.moe import moefy, set_top_k
+from sparsellm.evaluation import perplexity
+from sparsellm.models import load_model
+
+pytestmark = pytest.mark.sample
+
+
+def test_moefied_sample_is_dense_with_all_experts_and_reloads(sample_folder, tmp_path):
+    model, tokenizer = load_model(sample_folder)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog, then", return_tensors="pt").input_ids
+    with torch.no_grad():
+        dense = model(ids).logits
+    dense_ppl = perplexity(model, tokenizer, seqlen=256, max_windows=2).perplexity
+    report = moefy(model, tokenizer, num_experts=16, top_k=16, nsamples=2, seqlen=128)
+    assert len(report.layers) == 30 and report.moe["expert_size"] == 96
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-3, atol=1e-3)
+    set_top_k(model, 8)
+    half = perplexity(model, tokenizer, seqlen=256, max_windows=2).perplexity
+    # half the MLP neurons per token costs quality, but a broken router would be far worse
+    assert dense_ppl < half < 3 * dense_ppl
+    folder = checkpoint.save(model, tokenizer, tmp_path / "smol-moe")
+    reloaded, _ = load_model(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
