@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+import sparsellm
 from sparsellm.cli import main
 from sparsellm.training import checkpoints
 from sparsellm.training.distill import distillation_loss, generate_windows
@@ -33,7 +33,7 @@ def small(*extra):
 
 
 def weights(folder):
-    return load_file(str(Path(folder) / "model.safetensors"))
+    return sparsellm.load(folder, kernels="dense").state_dict()
 
 
 def test_gmp_run_writes_model_metrics_plot_and_metadata(llama_folder, tmp_path, capsys):

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from safetensors import safe_open
 
+import sparsellm
 from sparsellm.cli import main
 
 pytestmark = pytest.mark.sample
@@ -19,8 +19,7 @@ def test_magnitude_then_distilled_finetune_on_the_sample(sample_folder, tmp_path
     assert "sparsity 0.6000" in capsys.readouterr().out
     metadata = json.loads((out / "sparsity.json").read_text())
     assert len(metadata["layers"]) == 30 * 7 and metadata["training"]["init"]["method"] == "magnitude"
-    with safe_open(str(out / "model.safetensors"), "pt") as handle:
-        weight = handle.get_tensor("model.layers.7.mlp.down_proj.weight")
+    weight = sparsellm.load(out, kernels="dense").model.layers[7].mlp.down_proj.weight
     assert (weight == 0).sum().item() == round(0.6 * weight.numel())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(0 < record["kl_loss"] < 10 for record in records)

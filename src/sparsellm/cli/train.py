@@ -94,7 +94,7 @@ def load_teacher(args: argparse.Namespace, model):
         source = (checkpoint.read_metadata(models.resolve_model(args.model).location) or {}).get("model")
     if source:
         logger.info("teacher: %s", source)
-        teacher, _ = models.load_model(source, dtype=args.dtype)
+        teacher, _ = models.load_model(source, dtype=args.load_dtype)
         return teacher
     if _is_sparse(model):
         raise SparseLLMError("the model is already sparse and names no dense source: give the teacher with --teacher")

@@ -254,12 +254,9 @@ def _forward_loss(model, teacher, batch: torch.Tensor, config: TrainConfig) -> t
 
 
 def _publish(run_dir: Path, model, tokenizer, metadata: dict) -> None:
-    """Write the final model into the run folder: built complete aside, then moved in, sparsity.json last."""
-    with checkpoint.atomic_folder(run_dir / ".final", overwrite=True) as staging:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        checkpoint.write_metadata(staging, metadata)
+    """Write the final model (compact: its size follows the sparsity) into the run folder: built complete
+    aside, then moved in, sparsity.json last."""
+    checkpoint.save(model, tokenizer, run_dir / ".final", metadata, overwrite=True)
     final = run_dir / ".final"
     names = sorted(os.listdir(final), key=lambda name: name == checkpoint.METADATA_FILE)
     for name in names:
