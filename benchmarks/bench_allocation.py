@@ -12,7 +12,7 @@ Rows (docs/PROTOCOL.md: 64 x 512 calibration tokens, perplexity on 32 x 512 eval
   calibration windows; never the evaluation text), each candidate pruned with Wanda from one set of
   dense statistics; ``METHOD:owl-tuned`` then runs the chosen pair under the protocol.
 - ``search``: ``--max-ppl-increase 10%`` with Wanda (uniform), every candidate listed.
-- ``sweep``: the exhaustive reference, Wanda (uniform) pruned from scratch on the 2 % grid from 50 %
+- ``sweep``: the exhaustive reference, Wanda (uniform) pruned from scratch on the 2 % grid from 50 % (``--sweep-start``)
   down to the first point within the limit, and one more (perplexity falls with sparsity, so the
   first passing point is the sweep's best and everything above it was tried).
 
@@ -43,7 +43,7 @@ ROWS = ["sparsegpt:uniform", "sparsegpt:owl", "sparsegpt:sensitivity", "wanda:un
         "wanda:sensitivity", "owl-grid", "sparsegpt:owl-tuned", "wanda:owl-tuned", "search", "sweep"]
 OWL_M, OWL_LAMBDA = (3.0, 5.0, 7.0, 10.0, 20.0), (0.02, 0.05, 0.08, 0.12)
 HELD_OUT = 16  # calibration windows after the 64 used for calibration: OWL's grid is scored on them
-TARGET, LIMIT, SWEEP_STEP, SWEEP_START = 0.7, 0.10, 0.02, 0.5
+TARGET, LIMIT, SWEEP_STEP = 0.7, 0.10, 0.02
 COMMON = "--model sample --sparsity 0.7 --nsamples 64 --seqlen 512 --eval --threads 2"
 
 
@@ -64,8 +64,8 @@ def command(row: str, results: dict | None = None) -> str:
 
 
 class Bench:
-    def __init__(self, workdir: Path, results: Path):
-        self.workdir, self.results_path = workdir, results
+    def __init__(self, workdir: Path, results: Path, sweep_start: float = 0.5):
+        self.workdir, self.results_path, self.sweep_start = workdir, results, sweep_start
         self.results = json.loads(results.read_text()) if results.exists() else {}
         self.strategies = {}  # allocation name -> measured strategy, shared by both methods
         self.dense = None
@@ -153,11 +153,12 @@ class Bench:
                 "candidates": found.to_dict()["candidates"]}
 
     def run_sweep(self) -> dict:
-        """Wanda from scratch on the 2 % grid, from SWEEP_START down to the first point within the limit,
-        and one point further (perplexity must keep falling: the first passing point is the best)."""
+        """Wanda from scratch on the 2 % grid, from ``sweep_start`` down to the first point within the limit,
+        and one point further (perplexity must keep falling: the first passing point is the best). The
+        start must itself miss the limit, so that nothing above it could pass."""
         dense = self.dense_perplexity()
         points, started = [], time.perf_counter()
-        step = round(SWEEP_START / SWEEP_STEP)
+        step = round(self.sweep_start / SWEEP_STEP)
         while step > 0 and sum(p["increase"] <= LIMIT for p in points) < 2:
             sparsity = round(step * SWEEP_STEP, 4)
             model, tokenizer = self.fresh_model()
@@ -168,7 +169,7 @@ class Bench:
             step -= 1
         points.sort(key=lambda p: p["sparsity"])
         passing = [p["sparsity"] for p in points if p["increase"] <= LIMIT]
-        return {"row": "sweep", "points": points, "best": max(passing, default=0.0),
+        return {"row": "sweep", "start": self.sweep_start, "points": points, "best": max(passing, default=0.0),
                 "seconds": time.perf_counter() - started}
 
     def run(self, row: str) -> None:
@@ -223,7 +224,7 @@ def tables(results: dict) -> str:
                            for i, c in enumerate(s["candidates"], 1)])
     if "sweep" in results:
         w = results["sweep"]
-        lines += ["", f"Exhaustive sweep (`{w['command']}` for S = 0.50, 0.48, ...): best sparsity within "
+        lines += ["", f"Exhaustive sweep (`{w['command']}` for S = {w.get('start', 0.5):.2f}, {w.get('start', 0.5) - 0.02:.2f}, ...): best sparsity within "
                       f"+10 %: {w['best']:.2f}; {w['seconds']:.0f} s in all.", ""]
         lines += markdown(["sparsity", *(f"{p['sparsity']:.2f}" for p in w["points"])],
                           [["perplexity", *(f"{p['perplexity']:.2f}" for p in w["points"])],
@@ -237,10 +238,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sparsellm-bench-allocation"))
     parser.add_argument("--results", type=Path, default=HERE / "results" / "allocation.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sweep-start", type=float, default=0.5,
+                        help="sparsity the sweep starts from (it must miss the limit; default 0.5)")
     parser.add_argument("--table", action="store_true", help="only print the tables from --results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench = Bench(args.workdir, args.results)
+    bench = Bench(args.workdir, args.results, args.sweep_start)
     if not args.table:
         for row in args.only.split(",") if args.only else ROWS:
             bench.run(row)
