@@ -171,7 +171,8 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32, ke
     thresholds = activations.thresholds if activations else {}
     targets = activations.targets if activations else {}
     if kernels == "dense":
-        model = load_model(folder, dtype=dtype)[0]
+        # a compact folder needs no tokenizer to give its model
+        model = compact.load(folder, dtype).eval() if compact.is_compact(folder) else load_model(folder, dtype=dtype)[0]
         if activations is not None:
             activations.attach(model)
         return model
