@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pruning.py                      # all methods x patterns, plus llm-compressor peers
     python benchmarks/bench_pruning.py --no-peer --configs sparsegpt:0.5
+    python benchmarks/bench_pruning.py --update --configs wanda:0.5   # replace only these rows
 
 Each pruning run is a fresh subprocess (`sparsellm prune`, or llm-compressor's `oneshot` in its own
 virtual environment, see benchmarks/peers/setup_llmcompressor.sh) on exactly the same 64 x 512
@@ -100,6 +101,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per sparsellm/peer pair")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=str(HERE / "results" / "pruning.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other rows of an existing results file, replacing only the configs run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peer = not args.no_peer and PEER_PYTHON.exists()
@@ -137,6 +140,12 @@ def main() -> None:
                                         for phase in ("collect", "solve", "propagate")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    if args.update and Path(args.results).exists():
+        fresh = {(row["tool"], row["config"]) for row in rows}
+        kept = [row for row in json.loads(Path(args.results).read_text())["rows"]
+                if (row["tool"], row["config"]) not in fresh]
+        order = {config: index for index, config in enumerate(DEFAULT_CONFIGS)}
+        rows = sorted(kept + rows, key=lambda row: (order.get(row["config"], len(order)), row["tool"] != "sparsellm"))
     results = {"dense_perplexity": dense_ppl, "rows": rows, "threads": args.threads}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(results, indent=2))

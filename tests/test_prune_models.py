@@ -72,3 +72,65 @@ def test_bad_arguments(llama_folder):
     ]:
         with pytest.raises(SparseLLMError, match=message):
             sparsellm.prune(model, tokenizer, **({"method": "wanda", "sparsity": 0.5} | kwargs))
+
+
+def _squared_input_norms(model, tokens) -> dict[str, torch.Tensor]:
+    """sum of x_j^2 over all tokens, per linear layer of every block, from one plain forward."""
+    prefix, blocks = decoder_blocks(model)
+    norms: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args):
+            norms[name] = norms.get(name, 0) + args[0].reshape(-1, args[0].shape[-1]).square().sum(0)
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name))
+             for i, block in enumerate(blocks) for name, module in linear_layers(block, f"{prefix}.{i}").items()]
+    with torch.no_grad():
+        model(tokens, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    return norms
+
+
+def _wanda_reference(model, tokens, sparsity, calibration_inputs):
+    """Wanda from plain full-model forwards: block by block, each block's layer inputs measured on the
+    dense model ("dense"), or on the model whose earlier blocks are already pruned ("pruned"); then
+    per row the int(C * s) lowest |W| * ||X_j|| are zeroed."""
+    prefix, blocks = decoder_blocks(model)
+    norms = _squared_input_norms(model, tokens)
+    for index, block in enumerate(blocks):
+        if calibration_inputs == "pruned":
+            norms = _squared_input_norms(model, tokens)
+        for name, module in linear_layers(block, f"{prefix}.{index}").items():
+            weight = weight_matrix(module)
+            scores = weight.abs() * norms[name].sqrt()
+            lowest = scores.argsort(dim=1)[:, : int(weight.shape[1] * sparsity)]
+            module.weight.data.scatter_(1, lowest, 0.0)
+
+
+@pytest.mark.parametrize("calibration_inputs", ["dense", "pruned"])
+def test_wanda_calibration_inputs_match_plain_forwards(llama_folder, calibration_inputs):
+    model, tokenizer = load_model(llama_folder)
+    reference, _ = load_model(llama_folder)
+    report = sparsellm.prune(model, tokenizer, method="wanda", sparsity=0.5, nsamples=6, seqlen=48, batch_size=4,
+                             calibration_inputs=calibration_inputs)
+    assert report.options["calibration_inputs"] == calibration_inputs
+    from sparsellm.weights.oneshot import calibration_windows
+
+    tokens, _ = calibration_windows(reference, tokenizer, nsamples=6, seqlen=48)
+    _wanda_reference(reference, tokens, 0.5, calibration_inputs)
+    for (name, expected), (_, actual) in zip(reference.named_parameters(), model.named_parameters(), strict=True):
+        assert torch.equal(expected == 0, actual == 0), name
+    # the two modes really differ: blocks after the first see other activations
+    other, _ = load_model(llama_folder)
+    sparsellm.prune(other, tokenizer, method="wanda", sparsity=0.5, nsamples=6, seqlen=48,
+                    calibration_inputs={"dense": "pruned", "pruned": "dense"}[calibration_inputs])
+    last = model.model.layers[-1].mlp.down_proj.weight
+    assert not torch.equal(last == 0, other.model.layers[-1].mlp.down_proj.weight == 0)
+
+
+def test_calibration_inputs_must_be_known(llama_folder):
+    model, tokenizer = load_model(llama_folder)
+    with pytest.raises(SparseLLMError, match="calibration inputs must be dense or pruned"):
+        sparsellm.prune(model, tokenizer, method="wanda", sparsity=0.5, calibration_inputs="both")

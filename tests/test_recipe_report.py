@@ -53,7 +53,7 @@ def test_a_recipe_reproduces_the_cli_flags_bit_for_bit(pruned, llama_folder, tmp
     assert same_weights(pruned / "owl", tmp_path / "again")
     sensitivity = Recipe.load(pruned / "sensitivity" / RECIPE_FILE)
     assert sensitivity.allocation_options["levels"] == [0.5, 0.6, 0.7]
-    assert sensitivity.method_options == {"blocksize": 128, "percdamp": 0.01}
+    assert sensitivity.method_options == {"blocksize": 128, "percdamp": 0.01, "calibration_inputs": "pruned"}
 
 
 def test_flags_override_the_recipe(pruned, tmp_path, capsys):

@@ -7,7 +7,8 @@
 2. For each block: ``collect`` runs it over all windows with hooks on its linear layers, so a
    method gathers the input statistics of every layer in one pass (layers that read the same
    tensor, such as q/k/v, share one accumulator); the caller prunes; ``propagate`` re-runs the
-   pruned block to produce the next block's inputs, so errors propagate as in SparseGPT.
+   pruned block to produce the next block's inputs, so errors propagate as in SparseGPT (or
+   ``collect(propagate=True)`` keeps the dense block's outputs, and the pruned block is never run).
 
 Only one block is in fast memory at a time (``device``); activations stay on the CPU in the
 model's dtype. Blocks that accelerate offloaded to disk are read in, and written back after.

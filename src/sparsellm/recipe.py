@@ -6,7 +6,7 @@ Every output folder keeps the recipe that made it (``recipe.yaml``), with every 
     model: sample
     compute_dtype: float32
     method: sparsegpt
-    method_options: {blocksize: 128, percdamp: 0.01}
+    method_options: {blocksize: 128, percdamp: 0.01, calibration_inputs: pruned}
     pattern: unstructured
     sparsity: 0.7
     allocation: owl

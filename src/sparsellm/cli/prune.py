@@ -31,7 +31,7 @@ RECIPE_FLAGS = {
     "search_step": "target.search_step",
     "bits": "quantization.bits", "group_size": "quantization.group_size", "symmetric": "quantization.symmetric",
     "per_row": "method_options.per_row", "blocksize": "method_options.blocksize",
-    "percdamp": "method_options.percdamp",
+    "percdamp": "method_options.percdamp", "calibration_inputs": "method_options.calibration_inputs",
     "owl_m": "allocation_options.m", "owl_lambda": "allocation_options.lam",
     "sensitivity_levels": "allocation_options.levels", "sensitivity_windows": "allocation_options.windows",
     "sensitivity_granularity": "allocation_options.granularity", "sensitivity_loss": "allocation_options.loss",
@@ -94,6 +94,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--blocksize", type=int, default=keep, help="SparseGPT column block size (default 128)")
     parser.add_argument("--percdamp", type=float, default=keep,
                         help="SparseGPT dampening, share of mean diag(H) (default 0.01)")
+    parser.add_argument("--calibration-inputs", choices=["dense", "pruned"], default=keep,
+                        help="calibrate each block on the dense model's activations or on the pruned model's "
+                             "(errors propagate); default: dense for Wanda, pruned for SparseGPT")
     parser.add_argument("--batch-size", type=int, default=keep, help="calibration windows per forward pass (default 8)")
     add_quantization(parser, recipe=True)
     parser.add_argument("--output", required=True, help="folder for the pruned model")

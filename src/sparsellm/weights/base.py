@@ -95,6 +95,10 @@ class PruningMethod:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     joint_quantization: ClassVar[bool] = False
+    # Whose activations calibrate block i: "pruned" (blocks before i already pruned, so errors
+    # propagate, as the reference codes do) or "dense" (the original model's; one forward pass per
+    # block instead of two). Methods that use data make it an option with their own default.
+    calibration_inputs = "pruned"
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
               pattern: Pattern) -> torch.Tensor:

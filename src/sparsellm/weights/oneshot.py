@@ -2,7 +2,9 @@
 
 Block by block (see ``engine``): gather the statistics the method needs for all linear layers of
 the block in one pass over the calibration windows, prune each layer, then re-run the pruned block
-so the next block calibrates on what the pruned model really produces.
+so the next block calibrates on what the pruned model really produces. A method whose
+``calibration_inputs`` is "dense" (Wanda by default) calibrates every block on the dense model's
+activations instead: the statistics pass itself carries them on, and no block is run twice.
 
 With a ``QuantScheme`` the kept weights are also quantized: inside SparseGPT's sweep (joint mode),
 or by a masked GPTQ pass right after methods that cannot. Each quantized layer remembers its grid
@@ -165,6 +167,8 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
     strategy = allocation if isinstance(allocation, Allocation) else get_allocation(allocation)
     sparsity = _check_target(sparsity, pattern, strategy)
     algorithm = get_method(method, **method_options)
+    if algorithm.calibration_inputs not in ("dense", "pruned"):
+        raise SparseLLMError(f"calibration inputs must be dense or pruned, not {algorithm.calibration_inputs!r}")
     slots = layer_slots(model, ignore)
     for slot in slots:
         pattern.check_width(slot.columns, slot.name)
@@ -178,8 +182,9 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
             raise SparseLLMError(f"method {method} with allocation {strategy.name} needs calibration data, "
                                  "so a tokenizer")
         windows, calibration = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed, sampling)
-        logger.info("calibrating on %d windows of %d tokens from %s/%s (sha256 %s)", nsamples, seqlen,
-                    calibration["name"], calibration["split"], calibration["sha256_16"])
+        logger.info("calibrating on %d windows of %d tokens from %s/%s (sha256 %s), %s-model activations",
+                    nsamples, seqlen, calibration["name"], calibration["split"], calibration["sha256_16"],
+                    algorithm.calibration_inputs)
     plan, allocation_seconds = plan_layers(model, strategy, slots, sparsity, pattern, windows, batch_size, device)
     named = {slot.name for slot in slots}
     for name, target in (layer_sparsity or {}).items():
@@ -201,7 +206,8 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
         pruned_layers = {name: layers[name] for name, target in targets.items() if target > 0}
         stats = {}
         if windows is not None and pruned_layers:
-            stats = step.collect(lambda name, module: InputStatistics(in_features(module), needs), pruned_layers)
+            stats = step.collect(lambda name, module: InputStatistics(in_features(module), needs), pruned_layers,
+                                 propagate=algorithm.calibration_inputs == "dense")
         elif statistics is not None:
             stats = {name: _cached(statistics, name, needs) for name in pruned_layers}
         solve_started = time.perf_counter()
@@ -239,7 +245,7 @@ def prune(model, tokenizer=None, *, method: str = "sparsegpt", sparsity: float |
                         result.sparsity, f"{result.relative_error:.4f}" if result.relative_error is not None
                         else "n/a", result.seconds)
         step.seconds["solve"] = time.perf_counter() - solve_started
-        if windows is not None:
+        if windows is not None and not step.propagated:
             step.propagate()
         block_layers = [r for r in report.layers if r.name.startswith(step.name + ".")]
         errors = [r.relative_error for r in block_layers if r.relative_error is not None]

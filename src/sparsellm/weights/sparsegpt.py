@@ -57,6 +57,7 @@ class SparseGPT(PruningMethod):
     joint_quantization = True
     blocksize: int = 128
     percdamp: float = 0.01
+    calibration_inputs: str = "pruned"
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
               pattern: Pattern, quantizer: LayerQuantizer | None = None) -> torch.Tensor:
