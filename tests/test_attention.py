@@ -56,6 +56,8 @@ WINDOW_CASES = [  # n_queries, n_keys, window, heads, kv_heads, sinks, block
     (1, 8, 8, 4, 2, 0, None),  # ... against a sliding cache of window - 1 keys
     (5, 30, 8, 4, 2, 2, None),  # a chunk of queries after a cache, with sinks
     (41, 41, 7, 2, 1, 2, 3),
+    (300, 300, 100, 2, 1, 0, None),  # the default block (64) shorter than the window
+    (230, 260, 150, 4, 2, 2, None),
 ]
 
 
