@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import sparsellm
 from sparsellm.activations import ActivationSparsity, calibrate, held_out_sparsity
@@ -192,3 +193,24 @@ def test_compact_folder_runs_packed_layers(llama_folder, tmp_path, pattern, sche
             assert codecs == {"uint4" if scheme.bits == 4 else "uint8"}
         assert {layer.layout.format for layer in layers} == {"bitmask" if pattern == "unstructured" else "2:4"}
         torch.testing.assert_close(sparse(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_sparsity_in_a_recipe(llama_folder, tmp_path, capsys):
+    """The recipe's activations section calibrates on the in-memory pruned model: the saved thresholds
+    equal a separate calibration of the saved folder, and a recipe file alone reproduces them."""
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(llama_folder), "--method", "magnitude", "--sparsity", "0.5",
+                 "--output", str(out), "--activation-sparsity", "0.3", "--activation-nsamples", "4",
+                 "--held-out-windows", "0", "--seqlen", "64"]) == 0
+    saved = ActivationSparsity.read(out)
+    model, tokenizer = load_model(out)
+    expected = calibrate(model, tokenizer, 0.3, nsamples=4, seqlen=64)
+    assert saved.thresholds == pytest.approx(expected.thresholds, rel=1e-6)
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["activations"] == {"sparsity": 0.3, "nsamples": 4, "held_out_windows": 0}
+    assert main(["prune", "--recipe", str(out / "recipe.yaml"), "--output", str(tmp_path / "again")]) == 0
+    assert ActivationSparsity.read(tmp_path / "again").thresholds == saved.thresholds
+    assert main(["prune", "--model", str(llama_folder), "--method", "magnitude", "--target-size", "1MB",
+                 "--activation-sparsity", "0.3", "--output", str(tmp_path / "sized")]) == 2
+    assert "activation sparsity does not change the checkpoint's size" in capsys.readouterr().err
+    assert not (tmp_path / "sized").exists()

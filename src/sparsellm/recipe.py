@@ -16,6 +16,7 @@ Every output folder keeps the recipe that made it (``recipe.yaml``), with every 
     evaluation: {enabled: true, data: builtin, seqlen: 512, windows: 32, batch_size: 4}
     target: {max_ppl_increase: null, max_size: null, search_step: 0.01}
     quantization: {bits: null, group_size: 128, symmetric: true}
+    activations: {sparsity: 0.4, nsamples: 32, held_out_windows: 8}
     format: compact
     save_dtype: null
 """
@@ -42,7 +43,9 @@ CALIBRATION = {"data": "builtin", "nsamples": 64, "seqlen": 512, "seed": 0, "sam
 EVALUATION = {"enabled": False, "data": "builtin", "seqlen": 512, "windows": 32, "batch_size": 4}
 TARGET = {"max_ppl_increase": None, "max_size": None, "search_step": 0.01}
 QUANTIZATION = {"bits": None, "group_size": 128, "symmetric": True}
-SECTIONS = {"calibration": CALIBRATION, "evaluation": EVALUATION, "target": TARGET, "quantization": QUANTIZATION}
+ACTIVATIONS = {"sparsity": None, "nsamples": 32, "held_out_windows": 8}  # TEAL thresholds, calibrated after pruning
+SECTIONS = {"calibration": CALIBRATION, "evaluation": EVALUATION, "target": TARGET, "quantization": QUANTIZATION,
+            "activations": ACTIVATIONS}
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Recipe:
     evaluation: dict = field(default_factory=dict)
     target: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
+    activations: dict = field(default_factory=dict)
     format: str = "compact"
     save_dtype: str | None = None
 
@@ -142,6 +146,9 @@ class Recipe:
             return metadata
 
         if target["max_size"] is not None:
+            if self.activations["sparsity"] is not None:
+                raise SparseLLMError("activation sparsity does not change the checkpoint's size: drop it from a "
+                                     "size-target job and run sparsellm sparsify-activations on the result")
             if self.format != "compact":
                 raise SparseLLMError("a size target counts the compact format's bytes: use format compact")
             saved: list[dict] = []
@@ -165,10 +172,34 @@ class Recipe:
             metadata["evaluation"] = {"dense": {"perplexity": found.dense_perplexity}, "pruned": found.evaluation}
         else:
             metadata = metadata_for(oneshot.prune(model, tokenizer, sparsity=self.sparsity, **common), {})
-        checkpoint.save(model, tokenizer, output, metadata, overwrite=overwrite, format=self.format,
-                        dtype=self.save_dtype)
+        thresholds = self._activation_thresholds(model, tokenizer, metadata, eval_kwargs)
+        with checkpoint.atomic_folder(output, overwrite) as staging:
+            checkpoint.save(model, tokenizer, staging, metadata, overwrite=True, format=self.format,
+                            dtype=self.save_dtype)
+            if thresholds is not None:
+                thresholds.write(staging)
         logger.info("recipe saved as %s", Path(output) / RECIPE_FILE)
         return metadata
+
+    def _activation_thresholds(self, model, tokenizer, metadata: dict, eval_kwargs: dict):
+        """TEAL thresholds calibrated on the pruned model (so they see its outputs), or None when not asked."""
+        options = self.activations
+        if options["sparsity"] is None:
+            return None
+        from .activations import teal
+
+        thresholds = teal.calibrate(model, tokenizer, options["sparsity"], calib=self.calibration["data"],
+                                    nsamples=options["nsamples"], seqlen=self.calibration["seqlen"])
+        if options["held_out_windows"]:
+            teal.held_out_sparsity(model, tokenizer, thresholds, seqlen=self.calibration["seqlen"],
+                                   windows=options["held_out_windows"])
+        metadata["activation_sparsity"] = thresholds.to_dict()
+        if "evaluation" in metadata:
+            thresholds.attach(model)
+            metadata["activation_sparsity"]["perplexity"] = evaluation.perplexity(model, tokenizer,
+                                                                                  **eval_kwargs).to_dict()
+            thresholds.detach()
+        return thresholds
 
 
 def recipe_scheme(recipe: Recipe) -> QuantScheme | None:

@@ -32,6 +32,14 @@ def add_eval(parser: argparse.ArgumentParser, prefix: str = "", recipe: bool = F
                         help="windows per forward pass (default 4)")
 
 
+def eval_options(args: argparse.Namespace, prefix: str = "") -> dict:
+    """The keyword arguments of ``evaluation.perplexity`` from the flags ``add_eval`` added."""
+    prefix = prefix.replace("-", "_")
+    return {"data": getattr(args, f"{prefix}data"), "seqlen": getattr(args, f"{prefix}seqlen"),
+            "max_windows": getattr(args, f"{prefix}windows") or None,
+            "batch_size": getattr(args, f"{prefix}batch_size")}
+
+
 def add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda: where blocks are computed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

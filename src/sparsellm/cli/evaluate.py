@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import evaluation
 from ..activations import ActivationSparsity
 from ..logging_utils import logger
-from .common import add_eval, add_model, add_runtime, emit
+from .common import add_eval, add_model, add_runtime, emit, eval_options
 from .prune import load
 
 
@@ -39,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
         activations.attach(model)
         logger.info("applying the folder's activation sparsity (%.0f %% of each layer's inputs zeroed)",
                     100 * activations.sparsity)
-    options = {"data": args.data, "seqlen": args.seqlen, "max_windows": args.windows or None,
-               "batch_size": args.batch_size}
+    options = eval_options(args)
     if args.attention:
         compared = compare(model, tokenizer, method, **options)
         full, sparse = compared["full"], compared["sparse"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 
 from .. import checkpoint, evaluation
 from ..activations.moe import moe_layers
@@ -11,7 +12,7 @@ from ..activations.moe.modeling import gated_mlp
 from ..activations.moe.moefy import CLUSTERINGS, moefy
 from ..activations.moe.speed import decode_mlp_seconds
 from ..models import decoder_blocks
-from .common import add_eval, add_model, add_runtime, emit
+from .common import add_eval, add_model, add_runtime, emit, eval_options
 from .prune import load
 
 
@@ -51,48 +52,47 @@ def add_moe_common(parser: argparse.ArgumentParser) -> None:
                         help="time one token through all MLPs, dense vs MoE (interleaved medians)")
 
 
-def dense_mlps(model) -> list:
-    """Copies of the model's dense MLPs, kept aside to time against the MoE layers."""
-    _, blocks = decoder_blocks(model)
-    return [copy.deepcopy(gated_mlp(block)) for block in blocks]
-
-
-def decode_lines(model, dense: list) -> tuple[dict, list[str]]:
-    """Time one token through the dense MLPs and the model's MLPs now; a result dict and a line."""
-    _, blocks = decoder_blocks(model)
-    seconds = decode_mlp_seconds({"dense": dense, "moe": [block.mlp for block in blocks]},
-                                 model.config.hidden_size, dtype=next(model.parameters()).dtype)
-    ratio = seconds["dense"] / seconds["moe"]
-    return ({"dense_ms": seconds["dense"] * 1e3, "moe_ms": seconds["moe"] * 1e3, "speedup": ratio},
-            [f"decode MLP time per token (all {len(blocks)} blocks): dense {seconds['dense'] * 1e3:.2f} ms, "
-             f"MoE {seconds['moe'] * 1e3:.2f} ms ({ratio:.2f}x)"])
-
-
-def run(args: argparse.Namespace) -> int:
+def convert_and_save(args: argparse.Namespace, convert: Callable) -> tuple[dict, list[str]]:
+    """The frame moefy and upcycle share: load, (evaluate), ``convert(model, tokenizer)`` -> (metadata,
+    lines), (evaluate again, time one token through the MLPs dense vs MoE), save."""
     checkpoint.check_output(args.output, args.overwrite)
     model, tokenizer = load(args)
-    eval_kwargs = {"data": args.eval_data, "seqlen": args.eval_seqlen,
-                   "max_windows": args.eval_windows or None, "batch_size": args.eval_batch_size}
-    before = evaluation.perplexity(model, tokenizer, **eval_kwargs) if args.eval else None
-    dense = dense_mlps(model) if args.measure_decode else None
-    report = moefy(model, tokenizer, args.experts, args.top_k, cluster=args.cluster, router_steps=args.router_steps,
-                   router_lr=args.router_lr, capacity_factor=args.capacity_factor, calib=args.calib,
-                   nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
-                   seed=args.seed)
-    metadata = {"model": str(args.model)} | report.to_dict()
-    recall = sum(layer.router_recall for layer in report.layers) / len(report.layers)
-    lines = [f"MoEfied {len(moe_layers(model))} MLPs into {args.experts} experts of "
-             f"{report.moe['expert_size']} neurons, top-{args.top_k} per token: a token runs "
-             f"{100 * report.active_share:.1f} % of each MLP's weights (router recall {recall:.3f}) "
-             f"in {report.seconds:.1f} s -> {args.output}"]
-    if args.eval:
-        after = evaluation.perplexity(model, tokenizer, **eval_kwargs)
+    options = eval_options(args, "eval-")
+    before = evaluation.perplexity(model, tokenizer, **options) if args.eval else None
+    dense = [copy.deepcopy(gated_mlp(block)) for block in decoder_blocks(model)[1]] if args.measure_decode else None
+    metadata, lines = convert(model, tokenizer)
+    metadata = {"model": str(args.model)} | metadata
+    if before is not None:
+        after = evaluation.perplexity(model, tokenizer, **options)
         metadata["evaluation"] = {"dense": before.to_dict(), "moe": after.to_dict()}
         lines.append(f"perplexity: dense {before.perplexity:.3f} -> MoE {after.perplexity:.3f} "
                      f"({after.tokens} tokens of {after.data['name']}/{after.data['split']})")
     if dense is not None:
-        metadata["decode_mlp"], decode = decode_lines(model, dense)
-        lines += decode
+        blocks = decoder_blocks(model)[1]
+        seconds = decode_mlp_seconds({"dense": dense, "moe": [block.mlp for block in blocks]},
+                                     model.config.hidden_size, dtype=next(model.parameters()).dtype)
+        ratio = seconds["dense"] / seconds["moe"]
+        metadata["decode_mlp"] = {"dense_ms": seconds["dense"] * 1e3, "moe_ms": seconds["moe"] * 1e3,
+                                  "speedup": ratio}
+        lines.append(f"decode MLP time per token (all {len(blocks)} blocks): dense {seconds['dense'] * 1e3:.2f} ms, "
+                     f"MoE {seconds['moe'] * 1e3:.2f} ms ({ratio:.2f}x)")
     checkpoint.save(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
+    return metadata, lines
+
+
+def run(args: argparse.Namespace) -> int:
+    def convert(model, tokenizer):
+        report = moefy(model, tokenizer, args.experts, args.top_k, cluster=args.cluster,
+                       router_steps=args.router_steps, router_lr=args.router_lr,
+                       capacity_factor=args.capacity_factor, calib=args.calib, nsamples=args.nsamples,
+                       seqlen=args.seqlen, batch_size=args.batch_size, device=args.device, seed=args.seed)
+        recall = sum(layer.router_recall for layer in report.layers) / len(report.layers)
+        return report.to_dict(), [
+            f"MoEfied {len(moe_layers(model))} MLPs into {args.experts} experts of "
+            f"{report.moe['expert_size']} neurons, top-{args.top_k} per token: a token runs "
+            f"{100 * report.active_share:.1f} % of each MLP's weights (router recall {recall:.3f}) "
+            f"in {report.seconds:.1f} s -> {args.output}"]
+
+    metadata, lines = convert_and_save(args, convert)
     emit(args, metadata, lines)
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import checkpoint, evaluation, models
+from .. import checkpoint, models
 from ..errors import SparseLLMError
 from ..recipe import Recipe, recipe_scheme
 from ..weights import METHODS
@@ -17,7 +17,7 @@ from ..weights.allocation import ALLOCATIONS
 from ..weights.allocation.table import read_table
 from .common import add_eval, add_model, add_quantization, add_runtime, emit
 from .sparsify_activations import add_arguments as add_activation_arguments
-from .sparsify_activations import calibrate as calibrate_activations
+from .sparsify_activations import summary as activation_summary
 
 # flag (argparse dest) -> where its value goes in the recipe
 RECIPE_FLAGS = {
@@ -36,6 +36,8 @@ RECIPE_FLAGS = {
     "sensitivity_levels": "allocation_options.levels", "sensitivity_windows": "allocation_options.windows",
     "sensitivity_granularity": "allocation_options.granularity", "sensitivity_loss": "allocation_options.loss",
     "table": "allocation_options.rules",
+    "activation_sparsity": "activations.sparsity", "activation_nsamples": "activations.nsamples",
+    "held_out_windows": "activations.held_out_windows",
 }
 
 
@@ -107,7 +109,7 @@ def add_parser(commands) -> None:
                         help="dtype of the saved weights (default: as computed, --compute-dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--eval", action="store_true", default=keep, help="measure perplexity before and after pruning")
-    add_activation_arguments(parser, flag="--activation-sparsity")
+    add_activation_arguments(parser, flag="--activation-sparsity", recipe=True)
     add_eval(parser, prefix="eval-", recipe=True)
     add_runtime(parser)
     parser.set_defaults(run=run)
@@ -177,25 +179,8 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"perplexity: dense {metadata['evaluation']['dense']['perplexity']:.3f} -> pruned "
                      f"{after['perplexity']:.3f} ({after['tokens']} tokens of {after['data']['name']}/"
                      f"{after['data']['split']}, {'BOS first' if after['bos_prepended'] else 'no BOS'})")
-    if args.activation_sparsity is not None:
-        lines += add_activation_sparsity(args, recipe, metadata)
+    if "activation_sparsity" in metadata:
+        lines += activation_summary(metadata["activation_sparsity"])
     emit(args, metadata, lines)
     return 0
 
-
-def add_activation_sparsity(args: argparse.Namespace, recipe: Recipe, metadata: dict) -> list[str]:
-    """Calibrate TEAL thresholds on the saved pruned model (so they see its pruned outputs) and store them."""
-    model, tokenizer = models.load_model(args.output)
-    activations, lines = calibrate_activations(args, model, tokenizer, recipe.calibration["data"],
-                                               recipe.calibration["seqlen"])
-    activations.write(args.output)
-    metadata["activation_sparsity"] = activations.to_dict()
-    if "evaluation" in metadata:
-        ev = recipe.evaluation
-        activations.attach(model)
-        sparse = evaluation.perplexity(model, tokenizer, data=ev["data"], seqlen=ev["seqlen"],
-                                       max_windows=ev["windows"] or None, batch_size=ev["batch_size"])
-        activations.detach()
-        metadata["activation_sparsity"]["perplexity"] = sparse.to_dict()
-        lines.append(f"perplexity with {activations.sparsity:.0%} activation sparsity: {sparse.perplexity:.3f}")
-    return lines

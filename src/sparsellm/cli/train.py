@@ -20,7 +20,7 @@ from ..training.distill import DEFAULT_PROMPTS
 from ..training.distributed import join
 from ..training.metrics import FORMATS
 from ..weights import METHODS
-from .common import add_eval, add_model, add_runtime, emit
+from .common import add_eval, add_model, add_runtime, emit, eval_options
 from .prune import load
 
 
@@ -134,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
     processes.barrier()  # every rank checks before rank 0 writes anything
     model, tokenizer = load(args)
     teacher = load_teacher(args, model) if args.distill or args.data == "teacher" else None
-    evaluation = {"data": args.eval_data, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows or None,
-                  "batch_size": args.eval_batch_size} if args.eval else None
+    evaluation = eval_options(args, "eval-") if args.eval else None
     options = RunOptions(micro_batch_size=args.micro_batch_size, save_every=args.save_every,
                          save_minutes=args.save_minutes,
                          keep_checkpoints=args.keep_checkpoints, metrics=args.metrics, plot=not args.no_plot,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from .. import checkpoint, evaluation
 from ..activations.moe.train import plot_training, train
 from ..activations.moe.upcycle import upcycle
 from .common import add_eval, add_model, add_runtime, emit
-from .moefy import add_moe_common, decode_lines, dense_mlps
-from .prune import load
+from .moefy import add_moe_common, convert_and_save
 
 
 def add_parser(commands) -> None:
@@ -45,37 +43,28 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint.check_output(args.output, args.overwrite)
-    model, tokenizer = load(args)
-    eval_kwargs = {"data": args.eval_data, "seqlen": args.eval_seqlen,
-                   "max_windows": args.eval_windows or None, "batch_size": args.eval_batch_size}
-    before = evaluation.perplexity(model, tokenizer, **eval_kwargs) if args.eval else None
-    dense = dense_mlps(model) if args.measure_decode else None
-    metadata = {"model": str(args.model)} | upcycle(
-        model, args.experts, args.top_k, every=args.every, capacity_factor=args.capacity_factor,
-        weighting=args.weighting, router_std=args.router_std, expert_noise=args.expert_noise,
-        jitter=args.jitter, seed=args.seed)
-    lines = [f"upcycled {len(metadata['layers'])} MLPs into {args.experts} experts, top-{args.top_k} per token: "
-             f"{args.experts}x the MLP parameters, a token runs {args.top_k}x a dense MLP -> {args.output}"]
-    log = None
-    if args.train_steps:
-        log = train(model, tokenizer, data=args.data, steps=args.train_steps, batch_size=args.train_batch_size,
-                    seqlen=args.train_seqlen, lr=args.lr, balance_weight=args.balance_weight,
-                    z_weight=args.z_weight, only_moe=args.only_moe, seed=args.seed)
-        metadata["training"] = log.to_dict()
-        first, last = log.steps[0], log.steps[-1]
-        lines.append(f"trained {args.train_steps} steps ({log.tokens} tokens, {log.seconds:.0f} s): LM loss "
-                     f"{first['lm_loss']:.3f} -> {last['lm_loss']:.3f}, balance loss "
-                     f"{first['balance_loss']:.3f} -> {last['balance_loss']:.3f} (plots in {args.output})")
-    if args.eval:
-        after = evaluation.perplexity(model, tokenizer, **eval_kwargs)
-        metadata["evaluation"] = {"dense": before.to_dict(), "moe": after.to_dict()}
-        lines.append(f"perplexity: dense {before.perplexity:.3f} -> MoE {after.perplexity:.3f}")
-    if dense is not None:
-        metadata["decode_mlp"], decode = decode_lines(model, dense)
-        lines += decode
-    checkpoint.save(model, tokenizer, args.output, metadata, overwrite=args.overwrite)
-    if log is not None:
-        plot_training({f"balance weight {args.balance_weight:g}": log}, args.output)
+    logs = []
+
+    def convert(model, tokenizer):
+        metadata = upcycle(model, args.experts, args.top_k, every=args.every, capacity_factor=args.capacity_factor,
+                           weighting=args.weighting, router_std=args.router_std, expert_noise=args.expert_noise,
+                           jitter=args.jitter, seed=args.seed)
+        lines = [f"upcycled {len(metadata['layers'])} MLPs into {args.experts} experts, top-{args.top_k} per "
+                 f"token: {args.experts}x the MLP parameters, a token runs {args.top_k}x a dense MLP -> {args.output}"]
+        if args.train_steps:
+            log = train(model, tokenizer, data=args.data, steps=args.train_steps, batch_size=args.train_batch_size,
+                        seqlen=args.train_seqlen, lr=args.lr, balance_weight=args.balance_weight,
+                        z_weight=args.z_weight, only_moe=args.only_moe, seed=args.seed)
+            logs.append(log)
+            metadata["training"] = log.to_dict()
+            first, last = log.steps[0], log.steps[-1]
+            lines.append(f"trained {args.train_steps} steps ({log.tokens} tokens, {log.seconds:.0f} s): LM loss "
+                         f"{first['lm_loss']:.3f} -> {last['lm_loss']:.3f}, balance loss "
+                         f"{first['balance_loss']:.3f} -> {last['balance_loss']:.3f} (plots in {args.output})")
+        return metadata, lines
+
+    metadata, lines = convert_and_save(args, convert)
+    if logs:
+        plot_training({f"balance weight {args.balance_weight:g}": logs[0]}, args.output)
     emit(args, metadata, lines)
     return 0

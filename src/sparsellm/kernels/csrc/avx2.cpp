@@ -4,6 +4,8 @@
 // with vpermps and a lane mask. 2:4 positions are turned into such a byte through another table.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "kernels.h"
 
 #if defined(__clang__)
@@ -328,8 +330,7 @@ void decode_bf16_avx2(const Weights& w, int64_t p, int64_t row_begin, int64_t ro
   for (int64_t r = row_begin; r < row_end; ++r) {
     uint16_t* o = out + (r - row_begin) * ld;
     if (w.format == kDense) {
-      const uint16_t* row = v + dense_start(w, p, r);
-      for (int64_t c = 0; c < width; c += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c)));
+      std::memcpy(o, v + dense_start(w, p, r), width * sizeof(uint16_t));
       continue;
     }
     const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;

@@ -4,6 +4,8 @@
 // ahead (measured +25-30 % here).
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "kernels.h"
 
 #if defined(__clang__)
@@ -373,8 +375,7 @@ void decode_bf16_avx512(const Weights& w, int64_t p, int64_t row_begin, int64_t 
   for (int64_t r = row_begin; r < row_end; ++r) {
     uint16_t* o = out + (r - row_begin) * ld;
     if (w.format == kDense) {
-      const uint16_t* row = v + dense_start(w, p, r);
-      for (int64_t c = 0; c < width; c += 32) _mm512_storeu_si512(o + c, _mm512_loadu_si512(row + c));
+      std::memcpy(o, v + dense_start(w, p, r), width * sizeof(uint16_t));
       continue;
     }
     const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
