@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.format import bits, layout
+from sparsellm.format import bits, codec, layout
 from sparsellm.format.layout import BITMASK, BITMASK_24, DENSE, NM, encode, layout_bytes
+from sparsellm.kernels.backend import cpu_isas, extension
 from sparsellm.weights.masks import Pattern, nm_mask
 from sparsellm.weights.quant import QuantScheme, quantize_matrix
 
@@ -171,7 +172,7 @@ def test_damaged_layers_are_named():
     matrix = sparse_matrix((4, 16), 0.5, 2, torch.float32)
     encoded = encode_as(BITMASK, matrix)
     encoded.tensors["bitmask"][1, 0] ^= 1 << 3  # one more (or one fewer) bit than values
-    with pytest.raises(SparseLLMError, match=r"m\.bitmask: \d+ bits set but \d+ values stored"):
+    with pytest.raises(SparseLLMError, match=r"m\.bitmask: its set bits do not match the row offsets and the \d+ values"):
         encoded.unpack()
     encoded = encode_as(BITMASK, sparse_matrix((4, 13), 0.5, 2, torch.float32))
     encoded.tensors["bitmask"][2, 1] |= 0x80  # past column 13
@@ -197,3 +198,51 @@ def test_weights_off_their_grid_refuse_compact_encoding():
 def test_float16_overflow_is_refused():
     with pytest.raises(SparseLLMError, match="overflow float16"):
         encode("m", torch.tensor([[1e6, 0.0]]), dtype=torch.float16)
+
+
+COMPILED = [] if extension() is None else ["portable", *(["avx512"] if "avx512" in cpu_isas() else [])]
+
+
+def integer_bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+@pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, sparsity=st.floats(0, 1), seed=st.integers(0, 2**16), dtype=dtypes, two_four=st.booleans())
+def test_compiled_codec_equals_numpy(shape, sparsity, seed, dtype, two_four):
+    """Scan, gather and scatter give the same bits compiled and in numpy, NaN and -0.0 included."""
+    matrix = sparse_matrix(shape, sparsity, seed, dtype)
+    if two_four and shape[1] % 4 == 0:
+        matrix = matrix * nm_mask(torch.rand(shape), 2, 4).to(dtype)
+    flat = matrix.view(-1)
+    flat[seed % flat.numel()] = float("nan")
+    flat[(seed // 7) % flat.numel()] = -0.0
+    numpy = codec.scan(matrix, impl="numpy")
+    assert numpy.fits_24 == (shape[1] % 4 == 0 and bool(
+        ((matrix != 0) | matrix.isnan()).view(shape[0], -1, 4).sum(-1).le(2).all()))
+    reference = integer_bits(codec.gather(matrix, numpy, impl="numpy"))
+    expected = integer_bits(matrix.masked_fill(matrix == 0, 0))  # -0.0 comes back as +0.0
+    for impl in COMPILED:
+        found = codec.scan(matrix, impl=impl)
+        assert torch.equal(numpy.bitmask, found.bitmask) and torch.equal(numpy.counts, found.counts), impl
+        assert found.fits_24 == numpy.fits_24, impl
+        values = codec.gather(matrix, found, impl=impl)
+        assert torch.equal(integer_bits(values), reference), impl
+        for scatter_impl in ("numpy", impl):
+            out = torch.full(shape, 7.0, dtype=dtype)
+            codec.scatter(values, found.bitmask, found.offsets(), out, impl=scatter_impl)
+            assert torch.equal(integer_bits(out), expected), scatter_impl
+
+
+@pytest.mark.parametrize("impl", ["numpy", *COMPILED])
+def test_codec_refuses_offsets_that_disagree_with_the_bitmask(impl):
+    matrix = sparse_matrix((6, 21), 0.5, 3, torch.bfloat16)
+    found = codec.scan(matrix)
+    values = codec.gather(matrix, found)
+    out = torch.empty(6, 21, dtype=torch.bfloat16)
+    for offsets, values_given in [(found.offsets() + torch.tensor([0, 1, 1, 1, 1, 1]), values),
+                                  (found.offsets(), values[:-1]),
+                                  (found.offsets().flip(0), values)]:
+        with pytest.raises(SparseLLMError, match="do not match the row offsets"):
+            codec.scatter(values_given, found.bitmask, offsets, out, impl=impl)

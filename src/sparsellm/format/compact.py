@@ -18,6 +18,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from .manifest import (
     MANIFEST_FILE,
     check_file,
     check_tensor,
+    checksum,
     dtype_name,
     read_manifest,
     tensor_entry,
@@ -103,14 +105,18 @@ def planned_bytes(model: nn.Module, nonzeros: Mapping[str, int], patterns: Mappi
 
 
 class _ShardWriter:
-    """Groups tensors into safetensors files of at most ``limit`` bytes (a layer's tensors stay together)."""
+    """Groups tensors into safetensors files of at most ``limit`` bytes (a layer's tensors stay together).
 
-    def __init__(self, folder: Path, limit: int):
-        self.folder, self.limit = folder, limit
+    Checksums run on a second thread (CRC-32 releases the GIL) while the next layers are encoded.
+    """
+
+    def __init__(self, folder: Path, limit: int, checksums: ThreadPoolExecutor):
+        self.folder, self.limit, self.checksums = folder, limit, checksums
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.entries: dict[str, dict] = {}
+        self.crc32: dict[str, Future] = {}
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -118,7 +124,8 @@ class _ShardWriter:
             self._flush()
         for name, tensor in tensors.items():
             self.pending[name] = tensor.detach().cpu().contiguous()
-            self.entries[name] = tensor_entry(self.pending[name], "")
+            self.crc32[name] = self.checksums.submit(checksum, self.pending[name])
+            self.entries[name] = tensor_entry(self.pending[name], "", crc32="")
         self.pending_bytes += size
 
     def _flush(self) -> None:
@@ -136,7 +143,7 @@ class _ShardWriter:
             file = "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
             os.replace(self.folder / f".shard-{index}", self.folder / file)
             for name in names:
-                self.entries[name]["file"] = file
+                self.entries[name] |= {"file": file, "crc32": self.crc32[name].result()}
                 weight_map[name] = file
         if count > 1:
             total = sum(entry_bytes(e) for e in self.entries.values())
@@ -152,9 +159,9 @@ def entry_bytes(entry: dict) -> int:
     return numel * getattr(torch, entry["dtype"]).itemsize
 
 
-def _layer_entry(layer: EncodedLayer, nonzeros: int) -> dict:
+def _layer_entry(layer: EncodedLayer) -> dict:
     return {"layout": layer.layout, "shape": list(layer.shape), "dtype": dtype_name(layer.dtype),
-            "stored": layer.stored, "nonzeros": nonzeros,
+            "stored": layer.stored, "nonzeros": layer.nonzeros,
             "pattern": str(layer.pattern), "quantization": layer.scheme.to_dict() if layer.scheme else None,
             "transposed": layer.transposed, "bytes": layer.nbytes, "dense_bytes": layer.dense_bytes,
             "tensors": list(layer.tensors)}
@@ -202,8 +209,8 @@ def save(model: nn.Module, tokenizer, output: str | os.PathLike, metadata: dict 
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     hints = _pattern_hints(metadata)
     layers: dict[str, dict] = {}
-    with atomic_folder(output, overwrite) as staging:
-        writer = _ShardWriter(staging, max_shard_bytes)
+    with atomic_folder(output, overwrite) as staging, ThreadPoolExecutor(1) as checksums:
+        writer = _ShardWriter(staging, max_shard_bytes, checksums)
         state = offload.state_tensors(model)
         for name, tensor in progress(state, desc="compact save", unit="tensor", total=len(model.state_dict())):
             if name in tied:
@@ -217,7 +224,7 @@ def save(model: nn.Module, tokenizer, output: str | os.PathLike, metadata: dict 
             matrix = tensor.t() if transposed else tensor
             layer = encode(module_name, matrix, grid_of(module), [hints[module_name]] if module_name in hints else [],
                            transposed, dtype)
-            layers[module_name] = _layer_entry(layer, int(torch.count_nonzero(matrix)))
+            layers[module_name] = _layer_entry(layer)
             writer.add({f"{module_name}.{suffix}": value for suffix, value in layer.tensors.items()})
         tensors = writer.close()
         manifest = {"format_version": FORMAT_VERSION, "tensors": tensors, "layers": layers}
@@ -253,8 +260,11 @@ class CompactFolder:
     rebuilds the dense weight); sparse kernels can build their own runtime layout from it.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, deferred_checks: bool = False):
         self.folder = Path(folder)
+        # deferred: checksums run on a second thread while the caller decodes; ``verify`` waits for them
+        self._checksums = ThreadPoolExecutor(1) if deferred_checks else None
+        self._pending: list[tuple[str, torch.Tensor, dict, Future]] = []
         self.manifest = read_manifest(self.folder)
         self.entries: dict[str, dict] = self.manifest["tensors"]
         self.layers: dict[str, dict] = self.manifest["layers"]
@@ -277,6 +287,14 @@ class CompactFolder:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
+        if self._checksums is not None:
+            self._checksums.shutdown(cancel_futures=True)
+
+    def verify(self) -> None:
+        """Wait for the deferred checksums; an error names the first tensor that fails."""
+        pending, self._pending = self._pending, []
+        for name, tensor, entry, crc32 in pending:
+            check_tensor(name, tensor, entry, crc32.result())
 
     def tensor(self, name: str) -> torch.Tensor:
         entry = self.entries.get(name)
@@ -286,7 +304,10 @@ class CompactFolder:
             tensor = self._handles[entry["file"]].get_tensor(name)
         except (OSError, SafetensorError, RuntimeError) as exc:
             raise SparseLLMError(f"cannot read tensor {name} from {entry['file']}: {exc}") from exc
-        return check_tensor(name, tensor, entry)
+        if self._checksums is None:
+            return check_tensor(name, tensor, entry)
+        self._pending.append((name, tensor, entry, self._checksums.submit(checksum, tensor)))
+        return tensor
 
     def plain_tensors(self) -> list[str]:
         """Tensors stored as the model holds them (embeddings, norms, layers kept dense)."""
@@ -297,7 +318,8 @@ class CompactFolder:
         try:
             scheme = QuantScheme(**entry["quantization"]) if entry["quantization"] else None
             layer = EncodedLayer(name, entry["layout"], tuple(entry["shape"]), getattr(torch, entry["dtype"]),
-                                 entry["stored"], {}, Pattern.parse(entry["pattern"]), scheme, entry["transposed"])
+                                 entry["stored"], {}, Pattern.parse(entry["pattern"]), scheme, entry["transposed"],
+                                 entry["nonzeros"])
         except (KeyError, TypeError, AttributeError, SparseLLMError) as exc:
             raise SparseLLMError(f"layer {name}: damaged entry in {MANIFEST_FILE} ({exc})") from exc
         layer.tensors = {suffix: self.tensor(f"{name}.{suffix}") for suffix in entry["tensors"]}
@@ -341,14 +363,20 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     layer into ``module`` (sparse kernels run the packed form); the module's bias is loaded by then.
     """
     folder = Path(folder)
-    with CompactFolder(folder) as compact:
+    with CompactFolder(folder, deferred_checks=True) as compact:
         model = _model_skeleton(folder, dtype)
         state = model.state_dict()
         expected = set(state) - set(getattr(model, "all_tied_weights_keys", None) or {})
-        loaded = set()
+        loaded, assigned = set(), {}
         for name in compact.plain_tensors():
-            _place(name, state.get(name), compact.tensor(name))
+            tensor = compact.tensor(name)
+            target = state.get(name)
+            if target is not None and target.dtype == tensor.dtype and target.shape == tensor.shape:
+                assigned[name] = tensor  # taken as it was read: no copy
+            else:
+                _place(name, target, tensor)
             loaded.add(name)
+        model.load_state_dict(assigned, strict=False, assign=True)
         for name in progress(compact.layers, desc="decompress", unit="layer"):
             layer = compact.layer(name)
             replacement = replace(layer, model.get_submodule(name)) if replace is not None else None
@@ -357,10 +385,14 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                 setattr(model.get_submodule(parent), child, replacement)
                 loaded.add(f"{name}.weight")
                 continue
-            _place(f"{name}.weight", state.get(f"{name}.weight"), layer.unpack())
+            target = state.get(f"{name}.weight")
+            weight = layer.unpack(out=target)
+            if weight is not target:
+                _place(f"{name}.weight", target, weight)
             loaded.add(f"{name}.weight")
             if layer.scheme is not None:
                 attach_grid(model.get_submodule(name), layer.grid())
+        compact.verify()  # before the model is handed out: never numbers from a damaged file
     missing = sorted(expected - loaded)
     if missing:
         raise SparseLLMError(f"tensor {missing[0]} is missing from {folder} ({len(missing)} missing)")

@@ -28,7 +28,7 @@ import torch
 from ..errors import SparseLLMError
 from ..weights.masks import Pattern
 from ..weights.quant import QuantGrid, QuantScheme, dequantize, quantize
-from . import bitmask, nm
+from . import bitmask, codec, nm
 from .bits import (
     pack_codes,
     pack_mask,
@@ -86,6 +86,7 @@ class EncodedLayer:
     pattern: Pattern = field(default_factory=Pattern)
     scheme: QuantScheme | None = None
     transposed: bool = False
+    nonzeros: int = -1  # weights that are not +-0 (known when encoding; the manifest records it)
 
     @property
     def nbytes(self) -> int:
@@ -158,8 +159,12 @@ class EncodedLayer:
                                      f"below {self.scheme.levels}")
         return QuantGrid(self.scheme, scale, zero)
 
-    def unpack(self) -> torch.Tensor:
-        """The dense weight as the model holds it (transposed back for Conv1D), in ``dtype``."""
+    def unpack(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight as the model holds it (transposed back for Conv1D), in ``dtype``.
+
+        ``out`` (the model's parameter, say) receives it when it has the right shape and dtype and
+        the layer is a float bitmask, the common case, which then costs no extra copy.
+        """
         if self.layout == DENSE and self.scheme is None:  # a plain tensor, in the model's own orientation
             weight = self.tensors["weight"]
             expected = self.shape[::-1] if self.transposed else self.shape
@@ -167,14 +172,19 @@ class EncodedLayer:
                 raise SparseLLMError(f"{self.name}.weight: {weight.dtype} {list(weight.shape)}, expected "
                                      f"{self.dtype} {list(expected)}")
             return weight
-        mask = self.stored_mask()
-        dense = _scatter(mask, self.stored_values(mask))
+        if self.layout == BITMASK and self.scheme is None:
+            bitmask.check_shapes(self.tensors, self.shape, self.name)
+            values = self.stored_values()
+            direct = out is not None and not self.transposed and tuple(out.shape) == self.shape \
+                and out.dtype == self.dtype and out.is_contiguous()
+            dense = out if direct else torch.empty(self.shape, dtype=self.dtype)
+            codec.scatter(values, self.tensors["bitmask"], self.tensors["row_offsets"], dense, self.name)
+        else:
+            mask = self.stored_mask()
+            dense = _scatter(mask, self.stored_values(mask))
         return dense.t().contiguous() if self.transposed else dense
 
 
-# Masks, gathers and scatters run on the floats' bit patterns in numpy: exact for every dtype, and
-# much faster than torch's boolean indexing (bfloat16 above all, on CPUs without native support).
-_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 def smallest_layout(shape: tuple[int, int], nonzeros: int, patterns: Iterable[Pattern], dtype: torch.dtype,
                     scheme: QuantScheme | None = None) -> tuple[str, Pattern, int]:
     """(layout, pattern, stored values) of the smallest form of a matrix with ``nonzeros`` non-zero
@@ -189,17 +199,14 @@ def smallest_layout(shape: tuple[int, int], nonzeros: int, patterns: Iterable[Pa
     return min(candidates, key=lambda c: layout_bytes(c[0], shape, c[2], dtype, scheme, c[1]))
 
 
+# Masks, gathers and scatters run on the floats' bit patterns in numpy: exact for every dtype, and
+# much faster than torch's boolean indexing (bfloat16 above all, on CPUs without native support).
+_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().view(_TORCH_BITS[tensor.element_size()]).numpy()
-
-
-def _nonzero(matrix: torch.Tensor) -> np.ndarray:
-    """Where a float matrix is not +-0 (NaN counts as non-zero), from the bits with the sign cleared."""
-    bits = _bits(matrix)
-    return (bits & np.array(np.iinfo(bits.dtype).max, dtype=bits.dtype)) != 0
 
 
 def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -268,25 +275,28 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
     if grid is None:
         matrix = cast(name, matrix, dtype)
     rows, columns = matrix.shape
-    keep_bits = _nonzero(matrix)
-    keep = torch.from_numpy(keep_bits)
+    found = codec.scan(matrix)  # one pass: the bitmask, the counts and whether the matrix is 2:4
+    # the bool mask, for what the compiled codec does not cover: other N:M patterns, codes, other layouts
+    keep = unpack_mask(found.bitmask, columns) if patterns or grid is not None else None
     scheme = grid.scheme if grid is not None else None
-    nnz = int(np.count_nonzero(keep_bits))
-    fitting = [pattern for pattern in dict.fromkeys([*patterns, TWO_FOUR]) if nm.fits(keep, pattern)]
-    layout, pattern, stored = smallest_layout((rows, columns), nnz, fitting, dtype, scheme)
+    fitting = [pattern for pattern in dict.fromkeys([*patterns, TWO_FOUR])
+               if (found.fits_24 if pattern == TWO_FOUR else nm.fits(keep, pattern))]
+    layout, pattern, stored = smallest_layout((rows, columns), found.nonzeros, fitting, dtype, scheme)
 
     tensors: dict[str, torch.Tensor] = {}
-    if layout == DENSE:
-        positions = None
-        values = _gather(matrix, np.ones_like(keep_bits), keep_bits)  # -0.0 becomes +0.0
+    if layout == BITMASK:
+        positions = keep
+        tensors.update(bitmask.pack(found, columns))
+        values = codec.gather(matrix, found)
     else:
-        if layout == BITMASK:
-            positions = keep
-            tensors.update(bitmask.pack(keep))
+        keep = unpack_mask(found.bitmask, columns) if keep is None else keep
+        if layout == DENSE:
+            positions = None
+            values = _gather(matrix, np.ones_like(keep.numpy()), keep.numpy())  # -0.0 becomes +0.0
         else:
             positions, index = nm.pack(keep, pattern)
             tensors.update({"bitmask": pack_mask(positions)} if layout == BITMASK_24 else index)
-        values = _gather(matrix, keep_bits if layout == BITMASK else positions.numpy(), keep_bits)
+            values = _gather(matrix, positions.numpy(), keep.numpy())
     if scheme is None:
         if layout == DENSE:
             weight = values.view(rows, columns)
@@ -307,4 +317,5 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
             tensors["weight_zero_point"] = grid.zero_point.contiguous()
     if layout != DENSE or scheme is not None:
         tensors["shape"] = torch.tensor([rows, columns], dtype=torch.int64)
-    return EncodedLayer(name, layout, (rows, columns), dtype, stored, tensors, pattern, scheme, transposed)
+    return EncodedLayer(name, layout, (rows, columns), dtype, stored, tensors, pattern, scheme, transposed,
+                        found.nonzeros)

@@ -274,6 +274,9 @@ at::Tensor decode(const Handle& h, int64_t panel_index, int64_t row_begin, int64
 }
 
 }  // namespace
+
+void bind_codec(pybind11::module& m);  // codec.cpp
+
 }  // namespace sparsellm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -283,4 +286,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("handle", &sparsellm::make_handle, "the kernels' view of a layout (see layouts.py)");
   m.def("linear", &sparsellm::linear, "y = s(x) W^T + bias through the sparse kernel or the dense path");
   m.def("decode", &sparsellm::decode, "rows of one panel as a dense fp32 matrix");
+  sparsellm::bind_codec(m);
 }

@@ -75,4 +75,12 @@ inline bool even_odd_lanes(int64_t isa, const Weights& w) {
 SPARSELLM_ISA_API(avx512)
 SPARSELLM_ISA_API(avx2)
 
+// One row of the checkpoint's bitmask codec (codec.cpp) with AVX-512 test / compress / expand;
+// values are 2- or 4-byte patterns. scan writes ceil(columns / 8) mask bytes, returns the row's
+// non-zeros and clears *fits24 if a group of 4 holds more than 2; scatter writes every column.
+int64_t codec_scan_row_avx512(const void* row, int64_t columns, int bytes, uint8_t* mask, bool* fits24);
+void codec_gather_row_avx512(const void* row, const uint8_t* mask, int64_t columns, int bytes, void* values);
+void codec_scatter_row_avx512(const void* values, const uint8_t* mask, int64_t columns, int bytes, void* row);
+int64_t codec_count_row_avx512(const uint8_t* mask, int64_t columns);  // set bits of one row's mask
+
 }  // namespace sparsellm

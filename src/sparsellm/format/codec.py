@@ -1,0 +1,121 @@
+"""The sparse-bitmask layout's three hot loops: scan a matrix, gather its kept values, scatter them back.
+
+Each runs compiled (``kernels/csrc/codec.cpp``: one threaded pass per matrix, with AVX-512
+test / compress / expand where the CPU has them) when the kernels' extension builds, else in
+numpy; ``impl`` forces one ("numpy", "portable", "avx512"), and the tests hold them to the same
+bits. Floats travel as their raw 16- or 32-bit patterns, so every dtype (NaN included)
+comes back exactly; a weight is pruned when its bits are +-0. A dense save is one copy per weight,
+and so is this: the numpy path makes a dozen passes (masks, counts, boolean indexing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import SparseLLMError
+from .bits import pack_mask, unpack_mask
+
+_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NATIVE = (2, 4)  # value sizes the compiled codec handles
+
+
+@dataclass
+class Scan:
+    """What one pass over a matrix learns: its bitmask, non-zeros per row, and whether it is 2:4."""
+
+    bitmask: torch.Tensor  # (rows, ceil(columns / 8)) uint8, LSB first
+    counts: torch.Tensor  # (rows,) int64
+    fits_24: bool  # every group of 4 consecutive weights has at most 2 non-zeros
+
+    @property
+    def nonzeros(self) -> int:
+        return int(self.counts.sum())
+
+    def offsets(self) -> torch.Tensor:
+        """Where each row's values start in the flat values (int64)."""
+        return torch.cumsum(self.counts, 0) - self.counts
+
+
+IMPLEMENTATIONS = ("numpy", "portable", "avx512")
+
+
+def _compiled(impl: str | None, tensor: torch.Tensor):
+    """(extension module, use AVX-512) for ``impl`` (None: the best there is), or None for numpy."""
+    if impl not in (None, *IMPLEMENTATIONS):
+        raise SparseLLMError(f"unknown codec implementation {impl!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+    if impl == "numpy" or tensor.element_size() not in _NATIVE:
+        return None
+    from ..kernels.backend import cpu_isas, extension
+
+    module = extension()
+    if module is None:
+        if impl is not None:
+            raise SparseLLMError("the compiled codec is not available (the kernels' extension did not build)")
+        return None
+    avx512 = "avx512" in cpu_isas()
+    if impl == "avx512" and not avx512:
+        raise SparseLLMError("this CPU lacks the AVX-512 instructions the codec uses")
+    return module, avx512 and impl != "portable"
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(_INTEGER[tensor.element_size()])
+
+
+def scan(matrix: torch.Tensor, impl: str | None = None) -> Scan:
+    bits = _bits(matrix)
+    native = _compiled(impl, bits)
+    if native is not None:
+        module, avx512 = native
+        return Scan(*module.bitmask_scan(bits, avx512))
+    rows, columns = bits.shape
+    signed = bits.numpy().view(f"i{bits.element_size()}")
+    keep = (signed & np.array(np.iinfo(signed.dtype).max, dtype=signed.dtype)) != 0
+    fits = columns % 4 == 0 and bool((keep.reshape(rows, -1, 4).sum(-1) <= 2).all())
+    return Scan(pack_mask(torch.from_numpy(keep)), torch.from_numpy(np.count_nonzero(keep, axis=1).astype(np.int64)),
+                fits)
+
+
+def gather(matrix: torch.Tensor, found: Scan, impl: str | None = None) -> torch.Tensor:
+    """The values at the set bits of ``found.bitmask``, row-major, in the matrix's dtype."""
+    bits = _bits(matrix)
+    native = _compiled(impl, bits)
+    if native is not None:
+        module, avx512 = native
+        values = module.bitmask_gather(bits, found.bitmask, found.offsets(), found.nonzeros, avx512)
+    else:
+        keep = unpack_mask(found.bitmask, bits.shape[1]).numpy()
+        values = torch.from_numpy(np.ascontiguousarray(bits.numpy()[keep]))
+    return values.view(matrix.dtype)
+
+
+def scatter(values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
+            name: str = "layer", impl: str | None = None) -> torch.Tensor:
+    """Write the dense (rows, columns) matrix into ``out`` (zeros where the bitmask is clear).
+
+    Raises if the row offsets, the bitmask and the number of values disagree (``out`` is then
+    partly written); the bitmask's shape and padding bits are the caller's to check.
+    """
+    target, source = _bits(out), _bits(values).reshape(-1)
+    if values.dtype != out.dtype or not out.is_contiguous():
+        raise SparseLLMError(f"{name}: scatter needs a contiguous output of the values' dtype")
+    offsets = offsets.long().contiguous()
+    native = _compiled(impl, target)
+    if native is not None:
+        module, avx512 = native
+        consistent = module.bitmask_scatter(source, bitmask.contiguous(), offsets, target, avx512)
+    else:
+        keep = unpack_mask(bitmask, out.shape[1])
+        counts = torch.from_numpy(np.count_nonzero(keep.numpy(), axis=1).astype(np.int64))
+        consistent = int(counts.sum()) == source.numel() and torch.equal(offsets, torch.cumsum(counts, 0) - counts)
+        if consistent:
+            dense = target.numpy()
+            dense[...] = 0
+            dense[keep.numpy()] = source.numpy()
+    if not consistent:
+        raise SparseLLMError(f"{name}.bitmask: its set bits do not match the row offsets and the "
+                             f"{source.numel()} values stored")
+    return out
