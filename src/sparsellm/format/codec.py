@@ -62,7 +62,25 @@ def _compiled(impl: str | None, tensor: torch.Tensor):
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bit patterns as integers (exact for every dtype, NaN included)."""
     return tensor.contiguous().view(_INTEGER[tensor.element_size()])
+
+
+# The numpy primitives (any layout, any mask): boolean indexing on the bit patterns is exact and
+# much faster than torch's on floats (bfloat16 above all, on CPUs without native support).
+def gather_at(matrix: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Values at the True ``positions`` (row-major); positions not in ``keep`` give +0.0."""
+    bits = _bits(matrix).numpy()
+    if positions is not keep:
+        bits = np.where(keep.numpy(), bits, 0)
+    return torch.from_numpy(np.ascontiguousarray(bits[positions.numpy()])).view(matrix.dtype)
+
+
+def scatter_at(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A zero matrix with ``values`` at the True positions of ``mask``, row-major."""
+    dense = torch.zeros(mask.shape, dtype=_INTEGER[values.element_size()])
+    dense.numpy()[mask.numpy()] = _bits(values).numpy()
+    return dense.view(values.dtype)
 
 
 def scan(matrix: torch.Tensor, impl: str | None = None) -> Scan:
@@ -86,10 +104,9 @@ def gather(matrix: torch.Tensor, found: Scan, impl: str | None = None) -> torch.
     if native is not None:
         module, avx512 = native
         values = module.bitmask_gather(bits, found.bitmask, found.offsets(), found.nonzeros, avx512)
-    else:
-        keep = unpack_mask(found.bitmask, bits.shape[1]).numpy()
-        values = torch.from_numpy(np.ascontiguousarray(bits.numpy()[keep]))
-    return values.view(matrix.dtype)
+        return values.view(matrix.dtype)
+    keep = unpack_mask(found.bitmask, bits.shape[1])
+    return gather_at(matrix, keep, keep)
 
 
 def scatter(values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
@@ -99,9 +116,9 @@ def scatter(values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor, 
     Raises if the row offsets, the bitmask and the number of values disagree (``out`` is then
     partly written); the bitmask's shape and padding bits are the caller's to check.
     """
-    target, source = _bits(out), _bits(values).reshape(-1)
     if values.dtype != out.dtype or not out.is_contiguous():
         raise SparseLLMError(f"{name}: scatter needs a contiguous output of the values' dtype")
+    target, source = _bits(out), _bits(values).reshape(-1)  # target shares out's memory
     offsets = offsets.long().contiguous()
     native = _compiled(impl, target)
     if native is not None:
@@ -112,9 +129,7 @@ def scatter(values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor, 
         counts = torch.from_numpy(np.count_nonzero(keep.numpy(), axis=1).astype(np.int64))
         consistent = int(counts.sum()) == source.numel() and torch.equal(offsets, torch.cumsum(counts, 0) - counts)
         if consistent:
-            dense = target.numpy()
-            dense[...] = 0
-            dense[keep.numpy()] = source.numpy()
+            out.copy_(scatter_at(keep, values.reshape(-1)))
     if not consistent:
         raise SparseLLMError(f"{name}.bitmask: its set bits do not match the row offsets and the "
                              f"{source.numel()} values stored")

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..errors import SparseLLMError
@@ -181,7 +180,7 @@ class EncodedLayer:
             codec.scatter(values, self.tensors["bitmask"], self.tensors["row_offsets"], dense, self.name)
         else:
             mask = self.stored_mask()
-            dense = _scatter(mask, self.stored_values(mask))
+            dense = codec.scatter_at(mask, self.stored_values(mask))
         return dense.t().contiguous() if self.transposed else dense
 
 
@@ -197,31 +196,6 @@ def smallest_layout(shape: tuple[int, int], nonzeros: int, patterns: Iterable[Pa
         candidates.append((layout, pattern, rows * columns * pattern.n // pattern.m))
     candidates += [(BITMASK, Pattern(), nonzeros), (DENSE, Pattern(), rows * columns)]
     return min(candidates, key=lambda c: layout_bytes(c[0], shape, c[2], dtype, scheme, c[1]))
-
-
-# Masks, gathers and scatters run on the floats' bit patterns in numpy: exact for every dtype, and
-# much faster than torch's boolean indexing (bfloat16 above all, on CPUs without native support).
-_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-_TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.contiguous().view(_TORCH_BITS[tensor.element_size()]).numpy()
-
-
-def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A zero matrix with ``values`` at the True positions of ``mask``, row-major."""
-    dense = np.zeros(mask.shape, dtype=_BITS[values.element_size()])
-    dense[mask.numpy()] = _bits(values)
-    return torch.from_numpy(dense).view(values.dtype)
-
-
-def _gather(matrix: torch.Tensor, positions: np.ndarray, keep: np.ndarray) -> torch.Tensor:
-    """Values at ``positions`` (row-major); positions that are not kept give +0.0."""
-    bits = _bits(matrix)
-    if positions is not keep:
-        bits = np.where(keep, bits, 0)
-    return torch.from_numpy(np.ascontiguousarray(bits[positions])).view(matrix.dtype)
 
 
 def stored_grid(grid: QuantGrid, layout: str, pattern: Pattern, shape: tuple[int, int],
@@ -292,11 +266,11 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
         keep = unpack_mask(found.bitmask, columns) if keep is None else keep
         if layout == DENSE:
             positions = None
-            values = _gather(matrix, np.ones_like(keep.numpy()), keep.numpy())  # -0.0 becomes +0.0
+            values = codec.gather_at(matrix, torch.ones_like(keep), keep)  # -0.0 becomes +0.0
         else:
             positions, index = nm.pack(keep, pattern)
             tensors.update({"bitmask": pack_mask(positions)} if layout == BITMASK_24 else index)
-            values = _gather(matrix, positions.numpy(), keep.numpy())
+            values = codec.gather_at(matrix, positions, keep)
     if scheme is None:
         if layout == DENSE:
             weight = values.view(rows, columns)
