@@ -9,8 +9,9 @@ Rows (docs/PROTOCOL.md: 64 x 512 calibration tokens, perplexity on 32 x 512 eval
   OWL and sensitivity statistics are measured once on the dense model and reused by both methods
   (``Allocation`` objects keep what they measured); the time of that pass is reported apart.
 - ``owl-grid``: OWL's M and lambda chosen on held-out calibration windows (the 16 after the 64
-  calibration windows; never the evaluation text), each candidate pruned with Wanda from one set of
-  dense statistics; ``METHOD:owl-tuned`` then runs the chosen pair under the protocol.
+  calibration windows; never the evaluation text) by ``tune_owl`` (what ``--owl-tune`` runs), each
+  candidate pruned with Wanda from one set of dense statistics; ``METHOD:owl-tuned`` then runs the
+  chosen pair under the protocol.
 - ``search``: ``--max-ppl-increase 10%`` with Wanda (uniform), every candidate listed.
 - ``sweep``: the exhaustive reference, Wanda (uniform) pruned from scratch on the 2 % grid from 50 % (``--sweep-start``)
   down to the first point within the limit, and one more (perplexity falls with sparsity, so the
@@ -24,24 +25,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 import sparsellm
-from sparsellm.evaluation import perplexity, window_nll
-from sparsellm.models import set_weight_matrix, weight_matrix
-from sparsellm.weights.allocation import dense_pass, get_allocation, layer_slots
-from sparsellm.weights.base import NORMS
-from sparsellm.weights.oneshot import calibration_windows
+from sparsellm.evaluation import perplexity
+from sparsellm.weights.allocation import get_allocation
+from sparsellm.weights.allocation.owl import tune_owl
 from sparsellm.weights.search import sparsest_within
 
 HERE = Path(__file__).parent
 ROWS = ["sparsegpt:uniform", "sparsegpt:owl", "sparsegpt:sensitivity", "wanda:uniform", "wanda:owl",
         "wanda:sensitivity", "owl-grid", "sparsegpt:owl-tuned", "wanda:owl-tuned", "search", "sweep"]
-OWL_M, OWL_LAMBDA = (3.0, 5.0, 7.0, 10.0, 20.0), (0.02, 0.05, 0.08, 0.12)
 HELD_OUT = 16  # calibration windows after the 64 used for calibration: OWL's grid is scored on them
 TARGET, LIMIT, SWEEP_STEP = 0.7, 0.10, 0.02
 COMMON = "--model sample --sparsity 0.7 --nsamples 64 --seqlen 512 --eval --threads 2"
@@ -107,37 +104,11 @@ class Bench:
 
     def run_owl_grid(self) -> dict:
         model, tokenizer = self.fresh_model()
-        windows, _ = calibration_windows(model, tokenizer, nsamples=64 + HELD_OUT)
-        calibration, held_out = windows[:64], windows[64:]
-        slots = layer_slots(model)
-        owls = {m: get_allocation("owl", m=m) for m in OWL_M}
-
-        def observe(*args) -> None:
-            for owl in owls.values():
-                owl.observe(*args)
-
         started = time.perf_counter()
-        statistics = dense_pass(model, calibration, slots, frozenset({NORMS}), observe, keep=True)
-        modules = dict(model.named_modules())
-        dense = {s.name: weight_matrix(modules[s.name]) for s in slots}
-
-        def held_out_perplexity(allocation) -> float:
-            for name, weight in dense.items():
-                set_weight_matrix(modules[name], weight)
-            sparsellm.prune(model, tokenizer, method="wanda", sparsity=TARGET, allocation=allocation,
-                            statistics=statistics)
-            total, count = window_nll(model, held_out)
-            return math.exp(total / count)
-
-        grid = [{"m": "uniform", "lam": 0.0, "perplexity": held_out_perplexity("uniform")}]
-        for m, owl in owls.items():
-            for lam in OWL_LAMBDA:
-                owl.lam = lam
-                grid.append({"m": m, "lam": lam, "perplexity": held_out_perplexity(owl)})
-                print(json.dumps(grid[-1]), flush=True)
-        best = min((g for g in grid if g["m"] != "uniform"), key=lambda g: g["perplexity"])
-        return {"row": "owl-grid", "grid": grid, "best": best, "seconds": time.perf_counter() - started,
-                "outlier_ratios": {str(m): owl.statistics()["outlier_ratio"] for m, owl in owls.items()}}
+        tuned = tune_owl(model, tokenizer, TARGET, held_out=HELD_OUT)
+        best = min(tuned.grid[1:], key=lambda g: g["perplexity"])
+        return {"row": "owl-grid", "grid": tuned.grid, "best": best, "seconds": time.perf_counter() - started,
+                "outlier_ratios": tuned.owl.statistics()["outlier_ratio"]}
 
     def run_search(self) -> dict:
         model, tokenizer = self.fresh_model()

@@ -251,3 +251,46 @@ def test_nm_with_per_layer_sensitivity_varies_n_within_a_block():
             assert (kept <= n).all() and m == 8, layer.name
     assert len({layer.pattern for layer in report.layers if ".layers.0." in layer.name}) > 1
     assert report.achieved_sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def test_tune_owl_scores_each_candidate_as_a_separate_prune_would(llama_folder):
+    """Every grid point's held-out perplexity equals pruning from scratch with that OWL and scoring the
+    held-out calibration windows; the best is chosen, and the model comes back dense."""
+    from sparsellm.evaluation import window_nll
+    from sparsellm.models import load_model
+    from sparsellm.weights.allocation.owl import tune_owl
+    from sparsellm.weights.oneshot import calibration_windows
+
+    model, tokenizer = load_model(llama_folder)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    tuned = tune_owl(model, tokenizer, 0.6, nsamples=4, held_out=2, seqlen=64, ms=(2.0, 20.0), lams=(0.05, 0.2))
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert [(g["m"], g["lam"]) for g in tuned.grid] == [("uniform", 0.0), (2.0, 0.05), (2.0, 0.2), (20.0, 0.05),
+                                                        (20.0, 0.2)]
+    best = min(tuned.grid[1:], key=lambda g: g["perplexity"])
+    assert (tuned.owl.m, tuned.owl.lam) == (best["m"], best["lam"])
+    windows, _ = calibration_windows(model, tokenizer, nsamples=6, seqlen=64)
+    for candidate in (tuned.grid[0], tuned.grid[2], tuned.grid[3]):
+        fresh, _ = load_model(llama_folder)
+        allocation = "uniform" if candidate["m"] == "uniform" else get_allocation("owl", m=candidate["m"],
+                                                                                  lam=candidate["lam"])
+        sparsellm.prune(fresh, tokenizer, method="wanda", sparsity=0.6, allocation=allocation, nsamples=4, seqlen=64)
+        with torch.no_grad():
+            total, count = window_nll(fresh, windows[4:])
+        assert math.exp(total / count) == pytest.approx(candidate["perplexity"], rel=1e-5)
+    assert len({round(g["perplexity"], 6) for g in tuned.grid}) > 1  # the candidates really differ
+
+
+def test_owl_tune_from_the_cli_saves_the_chosen_pair(llama_folder, tmp_path, capsys):
+    import yaml
+
+    from sparsellm.cli import main
+
+    common = ["prune", "--model", str(llama_folder), "--method", "wanda", "--nsamples", "4", "--seqlen", "64"]
+    assert main([*common, "--sparsity", "0.6", "--allocation", "owl", "--owl-tune", "--output",
+                 str(tmp_path / "tuned")]) == 0
+    assert "OWL tuned on 16 held-out calibration windows: M " in capsys.readouterr().out
+    recipe = yaml.safe_load((tmp_path / "tuned" / "recipe.yaml").read_text())
+    assert set(recipe["allocation_options"]) == {"m", "lam"}  # the chosen pair, not the request to tune
+    assert main([*common, "--sparsity", "0.6", "--owl-tune", "--output", str(tmp_path / "x")]) == 2
+    assert "tuning OWL needs --allocation owl and a --sparsity" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from .errors import SparseLLMError
 from .logging_utils import logger
 from .weights import oneshot, search
 from .weights.allocation import get_allocation
+from .weights.allocation.owl import tune_owl
 from .weights.base import get_method
 from .weights.quant import QuantScheme
 
@@ -115,13 +116,23 @@ class Recipe:
         """
         checkpoint.check_output(output, overwrite)
         method = get_method(self.method, **self.method_options)
-        strategy = get_allocation(self.allocation, **self.allocation_options)
+        allocation_options = dict(self.allocation_options)
+        tune = bool(allocation_options.pop("tune", False))  # OWL's M and lambda chosen for this model
+        if tune and (self.allocation != "owl" or self.sparsity is None):
+            raise SparseLLMError("tuning OWL needs --allocation owl and a --sparsity")
+        strategy = get_allocation(self.allocation, **allocation_options)
         scheme = recipe_scheme(self)
         if self.format not in checkpoint.FORMATS:
             raise SparseLLMError(f"recipe: unknown format '{self.format}': use {' or '.join(checkpoint.FORMATS)}")
         model, tokenizer = models.load_model(self.model, dtype=self.compute_dtype, offload_folder=offload_folder,
                                              max_memory=max_memory)
         calib, ev, target = self.calibration, self.evaluation, self.target
+        tuning = {}
+        if tune:
+            tuned = tune_owl(model, tokenizer, self.sparsity, calib=calib["data"], nsamples=calib["nsamples"],
+                             seqlen=calib["seqlen"], batch_size=calib["batch_size"], device=device)
+            strategy, tuning = tuned.owl, {"owl_tuning": {"grid": tuned.grid,
+                                                          "held_out_windows": tuned.held_out_windows}}
         eval_kwargs = {"data": ev["data"], "seqlen": ev["seqlen"], "max_windows": ev["windows"] or None,
                        "batch_size": ev["batch_size"]}
         common = {"method": self.method, "pattern": self.pattern,
@@ -171,7 +182,7 @@ class Recipe:
             metadata = metadata_for(found.report, {"search": found.to_dict()})
             metadata["evaluation"] = {"dense": {"perplexity": found.dense_perplexity}, "pruned": found.evaluation}
         else:
-            metadata = metadata_for(oneshot.prune(model, tokenizer, sparsity=self.sparsity, **common), {})
+            metadata = metadata_for(oneshot.prune(model, tokenizer, sparsity=self.sparsity, **common), tuning)
         thresholds = self._activation_thresholds(model, tokenizer, metadata, eval_kwargs)
         with checkpoint.atomic_folder(output, overwrite) as staging:
             checkpoint.save(model, tokenizer, staging, metadata, overwrite=True, format=self.format,

@@ -32,7 +32,7 @@ RECIPE_FLAGS = {
     "bits": "quantization.bits", "group_size": "quantization.group_size", "symmetric": "quantization.symmetric",
     "per_row": "method_options.per_row", "blocksize": "method_options.blocksize",
     "percdamp": "method_options.percdamp", "calibration_inputs": "method_options.calibration_inputs",
-    "owl_m": "allocation_options.m", "owl_lambda": "allocation_options.lam",
+    "owl_m": "allocation_options.m", "owl_lambda": "allocation_options.lam", "owl_tune": "allocation_options.tune",
     "sensitivity_levels": "allocation_options.levels", "sensitivity_windows": "allocation_options.windows",
     "sensitivity_granularity": "allocation_options.granularity", "sensitivity_loss": "allocation_options.loss",
     "table": "allocation_options.rules",
@@ -66,6 +66,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--owl-m", type=float, default=keep, help="OWL outlier threshold M (default 5)")
     parser.add_argument("--owl-lambda", type=float, default=keep,
                         help="OWL largest shift of a block's sparsity from the target (default 0.08)")
+    parser.add_argument("--owl-tune", action="store_true", default=keep,
+                        help="choose OWL's M and lambda for this model: Wanda candidates scored on 16 held-out "
+                             "calibration windows (one dense pass; the chosen pair is saved in the recipe)")
     parser.add_argument("--sensitivity-levels", type=_levels, default=keep,
                         help="sensitivity: comma-separated sparsities to probe (default target-0.1,target,target+0.1)")
     parser.add_argument("--sensitivity-windows", type=int, default=keep,
@@ -165,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"candidate {candidate['stage']:>6}: sparsity {candidate['sparsity']:.3f}  perplexity "
                      f"{candidate['perplexity']:.3f} ({100 * candidate['increase']:+.2f} %)  "
                      f"{'ok' if candidate['accepted'] else 'over the limit'}")
+    if "owl_tuning" in metadata:
+        grid = metadata["owl_tuning"]["grid"]
+        best = min(grid[1:], key=lambda candidate: candidate["perplexity"])
+        lines.append(f"OWL tuned on {metadata['owl_tuning']['held_out_windows']} held-out calibration windows: "
+                     f"M {best['m']:g}, lambda {best['lam']:g} (perplexity {best['perplexity']:.3f}; uniform "
+                     f"{grid[0]['perplexity']:.3f}; {len(grid) - 1} candidates)")
     if "layers" in metadata:
         scheme = recipe_scheme(recipe)
         lines.append(f"pruned {len(metadata['layers'])} layers with {metadata['method']} {metadata['pattern']} "

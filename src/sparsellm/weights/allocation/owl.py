@@ -12,6 +12,7 @@ layer of block l is pruned to S_l (then ``realize`` makes the budget exact to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import torch
 
 from ... import engine
 from ...errors import SparseLLMError
+from ...logging_utils import logger
 from ...models import weight_matrix
 from ..base import NORMS, InputStatistics
 from ..wanda import wanda_scores
@@ -79,3 +81,70 @@ class OWL(Allocation):
         if not self.outlier_ratios:
             return {}
         return {"blocks": list(self.outlier_ratios), "outlier_ratio": list(self.outlier_ratios.values())}
+
+
+M_GRID = (3.0, 5.0, 7.0, 10.0, 20.0)
+LAMBDA_GRID = (0.02, 0.05, 0.08, 0.12)
+
+
+@dataclass
+class Tuned:
+    """``tune_owl``'s answer: the chosen OWL (it keeps its outlier ratios) and every candidate's score."""
+
+    owl: OWL
+    grid: list[dict]  # {"m", "lam", "perplexity"} on the held-out windows; m "uniform" for the baseline
+    held_out_windows: int
+
+
+@torch.no_grad()
+def tune_owl(model, tokenizer, target: float, *, calib="builtin", nsamples: int = 64, held_out: int = 16,
+             seqlen: int = 512, ms: Sequence[float] = M_GRID, lams: Sequence[float] = LAMBDA_GRID,
+             batch_size: int = 8, device=None) -> Tuned:
+    """OWL's M and lambda chosen for this model, as the OWL paper tunes them per model.
+
+    One dense calibration pass over ``nsamples`` windows gathers Wanda's statistics and every M's
+    outlier ratios; each (M, lambda) is then pruned with Wanda from those statistics to ``target``
+    and scored by perplexity on the ``held_out`` calibration windows that follow (never evaluation
+    text). The model's weights are restored afterwards. Uniform sparsity is scored too, for reference.
+    """
+    from ...evaluation import window_nll
+    from ...models import set_weight_matrix
+    from ..oneshot import calibration_windows, prune
+    from .base import dense_pass, layer_slots
+
+    if held_out < 1:
+        raise SparseLLMError("tuning OWL needs at least one held-out calibration window")
+    windows, _ = calibration_windows(model, tokenizer, calib, nsamples + held_out, seqlen)
+    calibration, scored = windows[:nsamples], windows[nsamples:]
+    slots = layer_slots(model)
+    owls = {m: OWL(m=m) for m in ms}
+
+    def observe(*args) -> None:
+        for owl in owls.values():
+            owl.observe(*args)
+
+    statistics = dense_pass(model, calibration, slots, frozenset({NORMS}), observe, keep=True,
+                            batch_size=batch_size, device=device)
+    modules = dict(model.named_modules())
+    dense = {s.name: weight_matrix(modules[s.name]).clone() for s in slots}
+
+    def held_out_perplexity(allocation) -> float:
+        prune(model, tokenizer, method="wanda", sparsity=target, allocation=allocation, statistics=statistics,
+              batch_size=batch_size, device=device)
+        total, count = window_nll(model, scored)
+        for name, weight in dense.items():
+            set_weight_matrix(modules[name], weight)
+        return math.exp(total / count)
+
+    grid = [{"m": "uniform", "lam": 0.0, "perplexity": held_out_perplexity("uniform")}]
+    for m, owl in owls.items():
+        for lam in lams:
+            owl.lam = lam
+            grid.append({"m": m, "lam": lam, "perplexity": held_out_perplexity(owl)})
+            logger.info("OWL M %g lambda %g: held-out perplexity %.3f", m, lam, grid[-1]["perplexity"])
+    best = min(grid[1:], key=lambda candidate: candidate["perplexity"])
+    chosen = owls[best["m"]]
+    chosen.lam = best["lam"]
+    logger.info("OWL tuned: M %g, lambda %g (held-out perplexity %.3f; uniform %.3f)", best["m"], best["lam"],
+                best["perplexity"], grid[0]["perplexity"])
+    return Tuned(chosen, grid, held_out)
