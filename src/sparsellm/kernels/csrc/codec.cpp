@@ -11,6 +11,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -91,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, bool> bitmask_scan(const at::Tensor& bits, bo
   const char* data = static_cast<const char*>(bits.data_ptr());
   uint8_t* masks = mask.data_ptr<uint8_t>();
   int64_t* count = counts.data_ptr<int64_t>();
-  bool fits24 = columns % 4 == 0;
+  std::atomic<bool> fits24{columns % 4 == 0};
   at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
     bool fits = true;
     for (int64_t r = begin; r < end; ++r) {
@@ -101,9 +102,9 @@ std::tuple<at::Tensor, at::Tensor, bool> bitmask_scan(const at::Tensor& bits, bo
                  : bytes == 2 ? scan_row(reinterpret_cast<const int16_t*>(row), columns, out, &fits)
                               : scan_row(reinterpret_cast<const int32_t*>(row), columns, out, &fits);
     }
-    if (!fits) fits24 = false;  // benign race: every writer writes false
+    if (!fits) fits24.store(false, std::memory_order_relaxed);
   });
-  return {mask, counts, fits24};
+  return {mask, counts, fits24.load()};
 }
 
 // The values at the set bits of ``mask``, row-major; row r's start at offsets[r], ``total`` in all.
@@ -146,7 +147,7 @@ bool bitmask_scatter(const at::Tensor& values, const at::Tensor& mask, const at:
   const int64_t* start = offsets.data_ptr<int64_t>();
   const char* in = static_cast<const char*>(values.data_ptr());
   char* data = static_cast<char*>(out.data_ptr());
-  bool consistent = true;
+  std::atomic<bool> consistent{true};
   at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
     bool ok = true;
     for (int64_t r = begin; r < end; ++r) {
@@ -164,9 +165,9 @@ bool bitmask_scatter(const at::Tensor& values, const at::Tensor& mask, const at:
       else if (bytes == 2) scatter_row(reinterpret_cast<const int16_t*>(from), m, columns, reinterpret_cast<int16_t*>(row));
       else scatter_row(reinterpret_cast<const int32_t*>(from), m, columns, reinterpret_cast<int32_t*>(row));
     }
-    if (!ok) consistent = false;  // benign race: every writer writes false
+    if (!ok) consistent.store(false, std::memory_order_relaxed);
   });
-  return consistent;
+  return consistent.load();
 }
 
 }  // namespace
