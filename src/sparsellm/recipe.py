@@ -131,8 +131,7 @@ class Recipe:
         if tune:
             tuned = tune_owl(model, tokenizer, self.sparsity, calib=calib["data"], nsamples=calib["nsamples"],
                              seqlen=calib["seqlen"], batch_size=calib["batch_size"], device=device)
-            strategy, tuning = tuned.owl, {"owl_tuning": {"grid": tuned.grid,
-                                                          "held_out_windows": tuned.held_out_windows}}
+            strategy, tuning = tuned.owl, {"owl_tuning": tuned.to_dict()}
         eval_kwargs = {"data": ev["data"], "seqlen": ev["seqlen"], "max_windows": ev["windows"] or None,
                        "batch_size": ev["batch_size"]}
         common = {"method": self.method, "pattern": self.pattern,

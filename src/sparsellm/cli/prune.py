@@ -169,8 +169,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{candidate['perplexity']:.3f} ({100 * candidate['increase']:+.2f} %)  "
                      f"{'ok' if candidate['accepted'] else 'over the limit'}")
     if "owl_tuning" in metadata:
-        grid = metadata["owl_tuning"]["grid"]
-        best = min(grid[1:], key=lambda candidate: candidate["perplexity"])
+        grid, best = metadata["owl_tuning"]["grid"], metadata["owl_tuning"]["best"]
         lines.append(f"OWL tuned on {metadata['owl_tuning']['held_out_windows']} held-out calibration windows: "
                      f"M {best['m']:g}, lambda {best['lam']:g} (perplexity {best['perplexity']:.3f}; uniform "
                      f"{grid[0]['perplexity']:.3f}; {len(grid) - 1} candidates)")

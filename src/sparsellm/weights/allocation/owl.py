@@ -95,6 +95,18 @@ class Tuned:
     grid: list[dict]  # {"m", "lam", "perplexity"} on the held-out windows; m "uniform" for the baseline
     held_out_windows: int
 
+    @property
+    def best(self) -> dict:
+        """The chosen grid point (the lowest held-out perplexity among the OWL candidates)."""
+        return _best(self.grid)
+
+    def to_dict(self) -> dict:
+        return {"grid": self.grid, "best": self.best, "held_out_windows": self.held_out_windows}
+
+
+def _best(grid: list[dict]) -> dict:
+    return min(grid[1:], key=lambda candidate: candidate["perplexity"])  # grid[0] is uniform
+
 
 @torch.no_grad()
 def tune_owl(model, tokenizer, target: float, *, calib="builtin", nsamples: int = 64, held_out: int = 16,
@@ -142,7 +154,7 @@ def tune_owl(model, tokenizer, target: float, *, calib="builtin", nsamples: int 
             owl.lam = lam
             grid.append({"m": m, "lam": lam, "perplexity": held_out_perplexity(owl)})
             logger.info("OWL M %g lambda %g: held-out perplexity %.3f", m, lam, grid[-1]["perplexity"])
-    best = min(grid[1:], key=lambda candidate: candidate["perplexity"])
+    best = _best(grid)
     chosen = owls[best["m"]]
     chosen.lam = best["lam"]
     logger.info("OWL tuned: M %g, lambda %g (held-out perplexity %.3f; uniform %.3f)", best["m"], best["lam"],
