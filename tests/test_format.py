@@ -1,6 +1,8 @@
 """Compact layouts: bit-exact round trips on awkward shapes, bytes as documented, bits where documented."""
 
 import itertools
+import math
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -67,7 +69,8 @@ def test_smallest_layout_round_trips_bit_exact(shape, sparsity, seed, dtype):
 def test_nm_round_trips_and_is_smallest_when_groups_are_full(rows, groups, nm, seed, dtype, quantized):
     n, m = nm
     generator = torch.Generator().manual_seed(seed)
-    dense = torch.randn(rows, groups * m, generator=generator)
+    # magnitudes in [1, 2): no kept weight rounds to zero on a 4-bit grid, so groups stay full
+    dense = torch.randn(rows, groups * m, generator=generator).sign() * (1 + torch.rand(rows, groups * m))
     matrix = dense * nm_mask(torch.rand(dense.shape, generator=generator), n, m)
     grid = None
     if quantized:
@@ -246,3 +249,36 @@ def test_codec_refuses_offsets_that_disagree_with_the_bitmask(impl):
                                   (found.offsets().flip(0), values)]:
         with pytest.raises(SparseLLMError, match="do not match the row offsets"):
             codec.scatter(values_given, found.bitmask, offsets, out, impl=impl)
+
+
+@pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 13), st.sampled_from([(2, 4), (1, 4), (4, 8), (2, 8), (1, 2), (3, 6)]),
+       st.integers(0, 2**31 - 1), dtypes, st.sampled_from([None, (4, 8, True), (4, 12, False), (2, 0, False),
+                                                          (8, 16, True)]))
+def test_compiled_nm_codec_equals_numpy(rows, groups, nm, seed, dtype, quantization):
+    """N:M layers (2:4 bitmask, pattern numbers, packed codes) encode to the same bytes and decode to
+    the same bits compiled and in numpy; damaged pattern bytes fail the same way."""
+    n, m = nm
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(rows, groups * m, generator=generator) * nm_mask(torch.rand(rows, groups * m), n, m)
+    matrix[0, :m] = 0  # topped up with explicit zeros
+    matrix.view(-1)[seed % matrix.numel()] *= -0.0  # a -0.0 or a pruned zero: both stored as +0.0
+    grid = None
+    if quantization is not None:
+        matrix, grid = quantize_matrix(matrix.to(dtype).float(), QuantScheme(*quantization))
+    matrix = matrix.to(dtype)
+    compiled = encode("m", matrix, grid, [Pattern(n, m)])
+    with patch.object(codec, "_nm_native", return_value=None):
+        reference = encode("m", matrix, grid, [Pattern(n, m)])
+        expected = reference.unpack()
+    assert compiled.layout == reference.layout and compiled.tensors.keys() == reference.tensors.keys()
+    for suffix, tensor in reference.tensors.items():
+        assert torch.equal(compiled.tensors[suffix].view(torch.uint8), tensor.view(torch.uint8)), suffix
+    assert torch.equal(integer_bits(compiled.unpack()), integer_bits(expected))
+    assert same_bits(expected, matrix)
+    per_byte = bits.patterns_per_byte(n, m)
+    if compiled.layout == NM and (math.comb(m, n) ** per_byte < 256 or groups % per_byte):
+        compiled.tensors["patterns"][-1, -1] = 255  # not a base-C(M, N) number, or non-zero padding digits
+        with pytest.raises(SparseLLMError, match="patterns"):
+            compiled.unpack()

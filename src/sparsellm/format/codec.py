@@ -1,4 +1,5 @@
-"""The sparse-bitmask layout's three hot loops: scan a matrix, gather its kept values, scatter them back.
+"""The compact layouts' hot loops: scan a matrix, gather its kept values, scatter them back (sparse-bitmask),
+and encode / decode whole N:M matrices, quantized codes included (sparse-nm, sparse-24-bitmask).
 
 Each runs compiled (``kernels/csrc/codec.cpp``: one threaded pass per matrix, with AVX-512
 test / compress / expand where the CPU has them) when the kernels' extension builds, else in
@@ -10,16 +11,20 @@ and so is this: the numpy path makes a dozen passes (masks, counts, boolean inde
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import SparseLLMError
-from .bits import pack_mask, unpack_mask
+from ..weights.masks import Pattern
+from ..weights.quant import QuantGrid
+from .bits import pack_mask, pattern_table, patterns_per_byte, unpack_mask
 
 _INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NATIVE = (2, 4)  # value sizes the compiled codec handles
+_VALUE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # codec.cpp's ValueType
 
 
 @dataclass
@@ -133,4 +138,74 @@ def scatter(values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor, 
     if not consistent:
         raise SparseLLMError(f"{name}.bitmask: its set bits do not match the row offsets and the "
                              f"{source.numel()} values stored")
+    return out
+
+
+# -- N:M ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codec.cpp's lookup tables for N:M: pattern of each group mask, kept positions, digits of each byte."""
+    table, numbers, filled = pattern_table(n, m)
+    topped = np.where(filled >= 0, numbers[np.maximum(filled, 0)], -1)
+    positions = np.stack([np.flatnonzero(row) for row in table]).astype(np.uint8)
+    base, per_byte = len(table), patterns_per_byte(n, m)
+    byte = np.arange(256)
+    digits = (byte[:, None] // base ** np.arange(per_byte)) % base
+    digits[byte >= base**per_byte] = -1
+    return (torch.from_numpy(topped.astype(np.int16)), torch.from_numpy(positions),
+            torch.from_numpy(digits.astype(np.int16)))
+
+
+def _nm_native(matrix_dtype: torch.dtype, pattern: Pattern, impl: str | None):
+    """The extension module for an N:M codec call, or None (numpy path) for what it does not cover."""
+    if matrix_dtype not in _VALUE_TYPES or pattern.m > 16 or patterns_per_byte(pattern.n, pattern.m) == 0:
+        return None
+    native = _compiled(impl, torch.empty(0, dtype=matrix_dtype))
+    return None if native is None else native[0]
+
+
+def _grid_arguments(grid: QuantGrid | None, columns: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    if grid is None:
+        return torch.empty(0), torch.empty(0), 0, 0
+    return (grid.scale.float().contiguous(), grid.zero_point.float().contiguous(), grid.scheme.bits,
+            grid.scheme.group_columns(columns))
+
+
+def nm_encode(matrix: torch.Tensor, pattern: Pattern, grid: QuantGrid | None = None, name: str = "layer",
+              impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(pattern bytes, bitmask of the stored positions, values) of a matrix that follows ``pattern``
+    (at most N non-zeros per group), compiled; None where only numpy can (``format/nm.py``).
+
+    Values are the stored floats (rows, columns * N / M), or with a ``grid`` the codes packed per
+    row; a weight off its grid raises.
+    """
+    native = None if impl == "numpy" else _nm_native(matrix.dtype, pattern, impl)
+    if native is None:
+        return None
+    patterns, bitmask, values, status = native.nm_encode(
+        _bits(matrix), _VALUE_TYPES[matrix.dtype], pattern.n, pattern.m, *_nm_tables(pattern.n, pattern.m),
+        *_grid_arguments(grid, matrix.shape[1]))
+    if status == 1:
+        raise SparseLLMError(f"{name}: keeps more than {pattern.n} of {pattern.m} weights somewhere")
+    if status == 2:
+        raise SparseLLMError(f"{name}: the weights are not on their quantization grid (changed after quantizing?); "
+                             "save with format='dense'")
+    return patterns, bitmask, values if grid is not None else values.view(matrix.dtype)
+
+
+def nm_decode(patterns: torch.Tensor, values: torch.Tensor, pattern: Pattern, grid: QuantGrid | None,
+              out: torch.Tensor, name: str = "layer", impl: str | None = None) -> torch.Tensor | None:
+    """Write the dense matrix into ``out`` from pattern bytes and values (rows, stored per row) or
+    packed codes, compiled; None (``out`` untouched) where only numpy can. Shapes are the caller's
+    to check; a pattern byte the encoder never writes raises."""
+    native = None if impl == "numpy" else _nm_native(out.dtype, pattern, impl)
+    if native is None:
+        return None
+    source = values if grid is not None else _bits(values)
+    if not native.nm_decode(patterns.contiguous(), source.contiguous(), _VALUE_TYPES[out.dtype], pattern.n,
+                            pattern.m, *_nm_tables(pattern.n, pattern.m), *_grid_arguments(grid, out.shape[1]),
+                            _bits(out)):
+        raise SparseLLMError(f"{name}.patterns: holds numbers that are not {pattern} patterns")
     return out

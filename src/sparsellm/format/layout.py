@@ -95,8 +95,9 @@ class EncodedLayer:
     def dense_bytes(self) -> int:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
-    def stored_mask(self) -> torch.Tensor:
-        """Positions that hold a value, checked against the layout's own bookkeeping."""
+    def stored_mask(self, unpacked: bool = True) -> torch.Tensor | None:
+        """Positions that hold a value, checked against the layout's own bookkeeping (only checked
+        when not ``unpacked``: sparse-24-bitmask)."""
         rows, columns = self.shape
         if self.layout == DENSE:
             return torch.ones(rows, columns, dtype=torch.bool)
@@ -106,9 +107,8 @@ class EncodedLayer:
             packed = self.tensors["bitmask"]
             if tuple(packed.shape) != (rows, -(-columns // 8)) or padding_bits_set(packed, columns):
                 raise SparseLLMError(f"{self.name}.bitmask: does not fit a {rows}x{columns} weight")
-            keep = unpack_mask(packed, columns)
-            nm.check_24_bitmask(keep, self.name)
-            return keep
+            nm.check_24_bitmask(packed, columns, self.name)
+            return unpack_mask(packed, columns) if unpacked else None
         if self.layout == NM:
             return nm.unpack(self.tensors, self.shape, self.pattern, self.name)
         raise SparseLLMError(f"{self.name}: unknown layout '{self.layout}'")
@@ -130,8 +130,8 @@ class EncodedLayer:
         scale, zero, view = stored_grid(self.grid(), self.layout, self.pattern, self.shape, mask)
         return dequantize(codes.view(view), scale, zero).to(self.dtype).reshape(-1)
 
-    def stored_codes(self) -> torch.Tensor:
-        """The integer codes of a quantized layer (uint8), row-major over the stored positions."""
+    def packed_codes(self) -> torch.Tensor:
+        """The packed codes of a quantized layer, checked: (rows, bytes) for dense and N:M, else flat."""
         rows = self.shape[0]
         packed = self.tensors["compressed"]
         per_row = self.layout in (DENSE, NM)
@@ -139,7 +139,13 @@ class EncodedLayer:
             else (packed_code_bytes(self.stored, self.scheme.bits),)
         if tuple(packed.shape) != expected or packed.dtype != torch.uint8:
             raise SparseLLMError(f"{self.name}.compressed: shape {tuple(packed.shape)}, expected {expected} uint8")
-        if per_row:
+        return packed
+
+    def stored_codes(self) -> torch.Tensor:
+        """The integer codes of a quantized layer (uint8), row-major over the stored positions."""
+        rows = self.shape[0]
+        packed = self.packed_codes()
+        if self.layout in (DENSE, NM):
             return unpack_codes(packed, self.scheme.bits, self.stored // max(rows, 1)).reshape(-1)
         return unpack_codes(packed, self.scheme.bits, self.stored)
 
@@ -171,17 +177,30 @@ class EncodedLayer:
                 raise SparseLLMError(f"{self.name}.weight: {weight.dtype} {list(weight.shape)}, expected "
                                      f"{self.dtype} {list(expected)}")
             return weight
+        direct = out is not None and not self.transposed and tuple(out.shape) == self.shape \
+            and out.dtype == self.dtype and out.is_contiguous()
+        dense = out if direct else torch.empty(self.shape, dtype=self.dtype)
         if self.layout == BITMASK and self.scheme is None:
             bitmask.check_shapes(self.tensors, self.shape, self.name)
-            values = self.stored_values()
-            direct = out is not None and not self.transposed and tuple(out.shape) == self.shape \
-                and out.dtype == self.dtype and out.is_contiguous()
-            dense = out if direct else torch.empty(self.shape, dtype=self.dtype)
-            codec.scatter(values, self.tensors["bitmask"], self.tensors["row_offsets"], dense, self.name)
-        else:
+            codec.scatter(self.stored_values(), self.tensors["bitmask"], self.tensors["row_offsets"], dense, self.name)
+        elif self.layout == BITMASK_24 and self.scheme is None:
+            self.stored_mask(unpacked=False)
+            rows, columns = self.shape
+            offsets = torch.arange(rows, dtype=torch.int64) * (columns // 2)
+            codec.scatter(self.stored_values(), self.tensors["bitmask"], offsets, dense, self.name)
+        elif self.layout != NM or not self._decode_nm(dense):  # numpy, any layout
             mask = self.stored_mask()
             dense = codec.scatter_at(mask, self.stored_values(mask))
         return dense.t().contiguous() if self.transposed else dense
+
+
+    def _decode_nm(self, dense: torch.Tensor) -> bool:
+        """Decode a sparse-nm layer into ``dense`` with the compiled codec; False where only numpy can."""
+        rows = self.shape[0]
+        nm.check_patterns(self.tensors["patterns"], self.shape, self.pattern, self.name)
+        values = self.packed_codes() if self.scheme else self.stored_values().view(rows, -1)
+        grid = self.grid() if self.scheme else None
+        return codec.nm_decode(self.tensors["patterns"], values, self.pattern, grid, dense, self.name) is not None
 
 
 def smallest_layout(shape: tuple[int, int], nonzeros: int, patterns: Iterable[Pattern], dtype: torch.dtype,
@@ -250,13 +269,34 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
         matrix = cast(name, matrix, dtype)
     rows, columns = matrix.shape
     found = codec.scan(matrix)  # one pass: the bitmask, the counts and whether the matrix is 2:4
+    patterns = list(dict.fromkeys([*patterns, TWO_FOUR]))
     # the bool mask, for what the compiled codec does not cover: other N:M patterns, codes, other layouts
-    keep = unpack_mask(found.bitmask, columns) if patterns or grid is not None else None
+    keep = unpack_mask(found.bitmask, columns) if patterns != [TWO_FOUR] else None
     scheme = grid.scheme if grid is not None else None
-    fitting = [pattern for pattern in dict.fromkeys([*patterns, TWO_FOUR])
-               if (found.fits_24 if pattern == TWO_FOUR else nm.fits(keep, pattern))]
+    fitting = [pattern for pattern in patterns if (found.fits_24 if pattern == TWO_FOUR else nm.fits(keep, pattern))]
     layout, pattern, stored = smallest_layout((rows, columns), found.nonzeros, fitting, dtype, scheme)
 
+    native = codec.nm_encode(matrix, pattern, grid, name) if layout in (NM, BITMASK_24) else None
+    if native is not None:
+        pattern_bytes, position_mask, values = native
+        tensors = {"bitmask": position_mask, "compressed": values} if layout == BITMASK_24 else \
+            {"patterns": pattern_bytes, "compressed": values if scheme else values.reshape(-1)}
+    else:
+        tensors = _encode_numpy(name, matrix, found, keep, layout, pattern, grid, transposed)
+    if scheme is not None:
+        tensors["weight_scale"] = grid.scale.contiguous()
+        if not scheme.symmetric:
+            tensors["weight_zero_point"] = grid.zero_point.contiguous()
+    if layout != DENSE or scheme is not None:
+        tensors["shape"] = torch.tensor([rows, columns], dtype=torch.int64)
+    return EncodedLayer(name, layout, (rows, columns), dtype, stored, tensors, pattern, scheme, transposed,
+                        found.nonzeros)
+
+
+def _encode_numpy(name: str, matrix: torch.Tensor, found: codec.Scan, keep: torch.Tensor | None, layout: str,
+                  pattern: Pattern, grid: QuantGrid | None, transposed: bool) -> dict[str, torch.Tensor]:
+    """A layout's position and value tensors for what the compiled codec does not cover."""
+    rows, columns = matrix.shape
     tensors: dict[str, torch.Tensor] = {}
     if layout == BITMASK:
         positions = keep
@@ -271,25 +311,21 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
             positions, index = nm.pack(keep, pattern)
             tensors.update({"bitmask": pack_mask(positions)} if layout == BITMASK_24 else index)
             values = codec.gather_at(matrix, positions, keep)
-    if scheme is None:
+    if grid is None:
         if layout == DENSE:
             weight = values.view(rows, columns)
             tensors["weight"] = weight.t().contiguous() if transposed else weight
         else:
             tensors["compressed"] = values.view(rows, -1) if layout == BITMASK_24 else values
-    else:
-        scale, zero, view = stored_grid(grid, layout, pattern, (rows, columns), positions)
-        values = values.view(view)
-        codes = quantize(values, scale, zero, scheme.bits)  # stored zeros get code z, which means 0
-        if not torch.equal(dequantize(codes, scale, zero).to(matrix.dtype), values):
-            raise SparseLLMError(f"{name}: the weights are not on their quantization grid "
-                                 "(changed after quantizing?); save with format='dense'")
-        per_row = layout in (DENSE, NM)
-        tensors["compressed"] = pack_codes(codes.view(rows, -1) if per_row else codes, scheme.bits)
-        tensors["weight_scale"] = grid.scale.contiguous()
-        if not scheme.symmetric:
-            tensors["weight_zero_point"] = grid.zero_point.contiguous()
-    if layout != DENSE or scheme is not None:
-        tensors["shape"] = torch.tensor([rows, columns], dtype=torch.int64)
-    return EncodedLayer(name, layout, (rows, columns), dtype, stored, tensors, pattern, scheme, transposed,
-                        found.nonzeros)
+        return tensors
+    if positions is None and layout == BITMASK:
+        positions = unpack_mask(found.bitmask, columns)
+    scale, zero, view = stored_grid(grid, layout, pattern, (rows, columns), positions)
+    values = values.view(view)
+    codes = quantize(values, scale, zero, grid.scheme.bits)  # stored zeros get code z, which means 0
+    if not torch.equal(dequantize(codes, scale, zero).to(matrix.dtype), values):
+        raise SparseLLMError(f"{name}: the weights are not on their quantization grid "
+                             "(changed after quantizing?); save with format='dense'")
+    per_row = layout in (DENSE, NM)
+    tensors["compressed"] = pack_codes(codes.view(rows, -1) if per_row else codes, grid.scheme.bits)
+    return tensors

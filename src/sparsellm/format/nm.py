@@ -9,6 +9,7 @@ first free positions, so every group holds exactly N values.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import SparseLLMError
@@ -37,22 +38,37 @@ def pack(keep: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict[str, 
     return positions, {"patterns": pack_patterns(chosen, pattern.n, pattern.m)}
 
 
+def check_patterns(packed: torch.Tensor, shape: tuple[int, int], pattern: Pattern, name: str) -> None:
+    """The pattern bytes have the shape and dtype of a (rows, columns) weight's (not their contents)."""
+    rows, columns = shape
+    groups = columns // pattern.m
+    per_byte = patterns_per_byte(pattern.n, pattern.m) if encodable(pattern) else 0
+    if not per_byte or columns % pattern.m or tuple(packed.shape) != (rows, -(-groups // per_byte)) \
+            or packed.dtype != torch.uint8:
+        raise SparseLLMError(f"{name}.patterns: shape {tuple(packed.shape)} does not fit a {rows}x{columns} "
+                             f"weight with pattern {pattern}")
+
+
 def unpack(tensors: dict[str, torch.Tensor], shape: tuple[int, int], pattern: Pattern, name: str) -> torch.Tensor:
     rows, columns = shape
     packed = tensors["patterns"]
-    groups = columns // pattern.m
-    per_byte = patterns_per_byte(pattern.n, pattern.m)
-    if columns % pattern.m or tuple(packed.shape) != (rows, -(-groups // per_byte)) or packed.dtype != torch.uint8:
-        raise SparseLLMError(f"{name}.patterns: shape {tuple(packed.shape)} does not fit a {rows}x{columns} "
-                             f"weight with pattern {pattern}")
-    numbers, valid = unpack_patterns(packed, pattern.n, pattern.m, groups)
+    check_patterns(packed, shape, pattern, name)
+    numbers, valid = unpack_patterns(packed, pattern.n, pattern.m, columns // pattern.m)
     if not valid:
         raise SparseLLMError(f"{name}.patterns: holds numbers that are not {pattern} patterns")
     table, _, _ = pattern_table(pattern.n, pattern.m)
     return torch.from_numpy(table[numbers.numpy()].reshape(rows, columns))
 
 
-def check_24_bitmask(keep: torch.Tensor, name: str) -> None:
-    rows, columns = keep.shape
-    if columns % 4 or not bool((torch.count_nonzero(keep.view(rows, -1, 4), dim=-1) == 2).all()):
+# per mask byte: whether its low and its high four bits each have exactly two set
+_TWO_AND_TWO = np.array([bin(b & 15).count("1") == 2 and bin(b >> 4).count("1") == 2 for b in range(256)])
+
+
+def check_24_bitmask(packed: torch.Tensor, columns: int, name: str) -> None:
+    """A packed (rows, ceil(columns / 8)) mask sets exactly 2 of every 4 bits (padding bits: the caller's)."""
+    whole = packed.numpy()[:, : columns // 8]
+    ok = columns % 4 == 0 and bool(_TWO_AND_TWO[whole].all())
+    if ok and columns % 8:  # the last byte holds one group, then padding
+        ok = bool(_TWO_AND_TWO[packed.numpy()[:, -1] | 0b0011_0000].all())
+    if not ok:
         raise SparseLLMError(f"{name}.bitmask: not exactly 2 of every 4 bits set, as sparse-24-bitmask requires")

@@ -8,14 +8,19 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <tuple>
+#include <utility>
 
 #include "kernels.h"
 
@@ -170,9 +175,254 @@ bool bitmask_scatter(const at::Tensor& values, const at::Tensor& mask, const at:
   return consistent.load();
 }
 
+// -- N:M layout (format/nm.py; sparse-nm and sparse-24-bitmask) ----------------------------------
+// Each group of M columns keeps N positions: one of P patterns, numbered as bits.pattern_table
+// does; k pattern numbers share a byte as base-P digits, least significant first. The tables come
+// from Python: ``numbers`` (2^M int16: the pattern of each group mask topped up with its first free
+// positions, -1 when more than N are kept), ``positions`` (P, N uint8, ascending), ``digits``
+// (256, k int16: the numbers a byte holds, -1 for a byte no pattern numbers make). Values are
+// stored row by row, N per group; quantized ones as codes of ``code_bits`` packed LSB first per row.
+
+enum ValueType : int64_t { kValueF32 = 0, kValueBF16 = 1, kValueF16 = 2 };
+
+float to_float(uint32_t bits, int64_t type) {
+  if (type == kValueF32) {
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+  }
+  if (type == kValueBF16) return float(c10::BFloat16(uint16_t(bits), c10::BFloat16::from_bits()));
+  return float(c10::Half(uint16_t(bits), c10::Half::from_bits()));
+}
+
+uint32_t from_float(float value, int64_t type) {  // rounds to nearest even, as torch's casts do
+  if (type == kValueF32) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    return bits;
+  }
+  if (type == kValueBF16) return c10::BFloat16(value).x;
+  return c10::Half(value).x;
+}
+
+// round half to even, as torch.round; std::nearbyint is a library call that saves the FP environment
+float round_even(float x) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds |x| < 2^22 to an integer
+  return std::fabs(x) < 4194304.0f ? (x + kMagic) - kMagic : x;  // larger: clamped to the codes anyway
+}
+
+struct NMTables {
+  int64_t n, m, k, patterns;  // k: pattern numbers per byte
+  const int16_t* numbers;
+  const uint8_t* positions;
+  const int16_t* digits;
+};
+
+NMTables nm_tables(int64_t n, int64_t m, const at::Tensor& numbers, const at::Tensor& positions,
+                   const at::Tensor& digits) {
+  if (m < 1 || m > 16 || n < 1 || n > m) throw std::invalid_argument("N:M codec: needs 1 <= N <= M <= 16");
+  if (numbers.scalar_type() != at::kShort || !numbers.is_contiguous() || numbers.numel() != (int64_t(1) << m) ||
+      positions.scalar_type() != at::kByte || !positions.is_contiguous() || positions.dim() != 2 ||
+      positions.size(1) != n || digits.scalar_type() != at::kShort || !digits.is_contiguous() ||
+      digits.dim() != 2 || digits.size(0) != 256)
+    throw std::invalid_argument("N:M codec: malformed pattern tables");
+  return {n, m, digits.size(1), positions.size(0), numbers.data_ptr<int16_t>(), positions.data_ptr<uint8_t>(),
+          digits.data_ptr<int16_t>()};
+}
+
+// The grid of a quantized layer: per (row, group of ``width`` columns) float32 scale and zero point.
+struct Grid {
+  const float* scale = nullptr;
+  const float* zero = nullptr;
+  int64_t groups = 0, width = 0, bits = 0;
+  bool on() const { return scale != nullptr; }
+};
+
+Grid grid_of(const at::Tensor& scale, const at::Tensor& zero, int64_t rows, int64_t columns, int64_t width,
+             int64_t bits) {
+  if (scale.numel() == 0) return {};
+  if (bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("N:M codec: codes of 2, 4 or 8 bits");
+  if (width < 1 || (columns + width - 1) / width != scale.size(1))
+    throw std::invalid_argument("N:M codec: the grid's groups do not cover the columns");
+  if (scale.scalar_type() != at::kFloat || zero.scalar_type() != at::kFloat || !scale.is_contiguous() ||
+      !zero.is_contiguous() || scale.dim() != 2 || scale.size(0) != rows || !scale.sizes().equals(zero.sizes()))
+    throw std::invalid_argument("N:M codec: scale and zero point must be contiguous (rows, groups) float32");
+  return {scale.data_ptr<float>(), zero.data_ptr<float>(), scale.size(1), width, bits};
+}
+
+int64_t code_row_bytes(int64_t count, int64_t bits) { return (count * bits + 7) / 8; }
+
+// The grid entry of the columns a row reaches in ascending order, without a division per weight.
+class GridCursor {
+ public:
+  GridCursor(const Grid& grid, int64_t row) : grid_(grid), at_(row * grid.groups), end_(grid.width) {}
+  // (scale, zero point) of ``column``, which must not be left of the previous call's
+  std::pair<float, float> at(int64_t column) {
+    while (column >= end_) ++at_, end_ += grid_.width;
+    return {grid_.scale[at_], grid_.zero[at_]};
+  }
+
+ private:
+  const Grid& grid_;
+  int64_t at_, end_;
+};
+
+template <typename T>
+int64_t nm_encode_row(const T* row, int64_t columns, const NMTables& t, const Grid& grid, int64_t r,
+                      int64_t value_type, uint8_t* pattern_row, uint8_t* mask_row, T* value_row, uint8_t* code_row) {
+  constexpr T magnitude = T(~(T(1) << (8 * sizeof(T) - 1)));
+  const float top = float((1 << grid.bits) - 1);
+  GridCursor cursor(grid, r);
+  int64_t stored = 0, digit = 0, weight = 1;
+  uint8_t* pattern_byte = pattern_row;
+  for (int64_t c0 = 0; c0 < columns; c0 += t.m) {
+    T words[16];
+    uint32_t group_mask = 0;
+    for (int64_t j = 0; j < t.m; ++j) {
+      words[j] = (row[c0 + j] & magnitude) ? row[c0 + j] : T(0);  // -0.0 is stored as +0.0
+      group_mask |= uint32_t(words[j] != 0) << j;
+    }
+    const int16_t number = t.numbers[group_mask];
+    if (number < 0) return 1;
+    *pattern_byte += uint8_t(number * weight);
+    if (++digit == t.k) digit = 0, weight = 1, ++pattern_byte;
+    else weight *= t.patterns;
+    for (int64_t i = 0; i < t.n; ++i, ++stored) {
+      const int64_t column = c0 + t.positions[number * t.n + i];
+      mask_row[column >> 3] |= uint8_t(1u << (column & 7));
+      const T word = words[column - c0];
+      if (!grid.on()) {
+        value_row[stored] = word;
+        continue;
+      }
+      const auto [s, z] = cursor.at(column);
+      const float code = std::min(std::max(round_even(to_float(word, value_type) / s) + z, 0.0f), top);
+      if (std::isnan(code) || from_float((code - z) * s, value_type) != uint32_t(word)) return 2;
+      const int64_t bit = stored * grid.bits;
+      code_row[bit >> 3] |= uint8_t(uint32_t(code) << (bit & 7));
+    }
+  }
+  return 0;
+}
+
+// (pattern bytes (rows, ceil(groups / k)), bitmask of the stored positions (rows, ceil(columns / 8)),
+// values: float bits (rows, columns * N / M) or packed codes, status): status 0 ok, 1 a group keeps
+// more than N weights, 2 a kept weight is not on its grid (codes only; the outputs are then void).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
+    const at::Tensor& bits, int64_t value_type, int64_t n, int64_t m, const at::Tensor& numbers,
+    const at::Tensor& positions, const at::Tensor& digits, const at::Tensor& scale, const at::Tensor& zero,
+    int64_t code_bits, int64_t group_width) {
+  const int bytes = value_bytes(bits, "nm_encode");
+  const NMTables t = nm_tables(n, m, numbers, positions, digits);
+  if (bits.dim() != 2 || bits.size(1) % m) throw std::invalid_argument("nm_encode: a matrix whose width M divides");
+  if (bytes != (value_type == kValueF32 ? 4 : 2)) throw std::invalid_argument("nm_encode: value type and bits differ");
+  const int64_t rows = bits.size(0), columns = bits.size(1), groups = columns / m, per_row = groups * n;
+  const Grid grid = grid_of(scale, zero, rows, columns, group_width, code_bits);
+  const int64_t pattern_bytes = (groups + t.k - 1) / t.k;
+  at::Tensor patterns = at::zeros({rows, pattern_bytes}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor mask = at::zeros({rows, row_bytes(columns)}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor values = grid.on() ? at::zeros({rows, code_row_bytes(per_row, code_bits)}, patterns.options())
+                                : at::empty({rows, per_row}, bits.options());
+  const char* data = static_cast<const char*>(bits.data_ptr());
+  uint8_t* pattern_data = patterns.data_ptr<uint8_t>();
+  uint8_t* mask_data = mask.data_ptr<uint8_t>();
+  char* value_data = static_cast<char*>(values.data_ptr());
+  const int64_t value_row = grid.on() ? values.size(1) : per_row * bytes;
+  std::atomic<int64_t> status{0};
+  at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end && status.load(std::memory_order_relaxed) == 0; ++r) {
+      uint8_t* code_row = grid.on() ? reinterpret_cast<uint8_t*>(value_data + r * value_row) : nullptr;
+      const int64_t found =
+          bytes == 2 ? nm_encode_row(reinterpret_cast<const uint16_t*>(data) + r * columns, columns, t, grid, r,
+                                     value_type, pattern_data + r * pattern_bytes, mask_data + r * row_bytes(columns),
+                                     reinterpret_cast<uint16_t*>(value_data + r * value_row), code_row)
+                     : nm_encode_row(reinterpret_cast<const uint32_t*>(data) + r * columns, columns, t, grid, r,
+                                     value_type, pattern_data + r * pattern_bytes, mask_data + r * row_bytes(columns),
+                                     reinterpret_cast<uint32_t*>(value_data + r * value_row), code_row);
+      if (found) status.store(found);
+    }
+  });
+  return {patterns, mask, values, status.load()};
+}
+
+template <typename T>
+bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t groups, const NMTables& t,
+                   const Grid& grid, int64_t r, int64_t value_type, const T* value_row, const uint8_t* code_row,
+                   int64_t columns, T* row) {
+  std::memset(row, 0, columns * sizeof(T));
+  GridCursor cursor(grid, r);
+  const uint32_t code_mask = (1u << grid.bits) - 1;
+  int64_t stored = 0;
+  for (int64_t b = 0, g = 0; b < pattern_bytes; ++b) {
+    const int16_t* held = t.digits + int64_t(pattern_row[b]) * t.k;
+    for (int64_t d = 0; d < t.k; ++d, ++g) {
+      if (held[d] < 0 || (g >= groups && held[d] != 0)) return false;
+      if (g >= groups) continue;
+      const uint8_t* kept = t.positions + held[d] * t.n;
+      for (int64_t i = 0; i < t.n; ++i, ++stored) {
+        const int64_t column = g * t.m + kept[i];
+        if (!grid.on()) {
+          row[column] = value_row[stored];
+          continue;
+        }
+        const int64_t bit = stored * grid.bits;
+        const uint32_t code = (code_row[bit >> 3] >> (bit & 7)) & code_mask;
+        const auto [s, z] = cursor.at(column);
+        row[column] = T(from_float((float(code) - z) * s, value_type));
+      }
+    }
+  }
+  return true;
+}
+
+// Writes the dense matrix into ``out`` (rows, columns; float bits of ``value_type``) from pattern
+// bytes and float bits or packed codes; returns false (``out`` then partly written) when a pattern
+// byte is not one the encoder makes or the padding digits past the last group are not zero.
+bool nm_decode(const at::Tensor& patterns, const at::Tensor& values, int64_t value_type, int64_t n, int64_t m,
+               const at::Tensor& numbers, const at::Tensor& positions, const at::Tensor& digits,
+               const at::Tensor& scale, const at::Tensor& zero, int64_t code_bits, int64_t group_width,
+               at::Tensor& out) {
+  const int bytes = value_bytes(out, "nm_decode");
+  const NMTables t = nm_tables(n, m, numbers, positions, digits);
+  if (out.dim() != 2 || out.size(1) % m) throw std::invalid_argument("nm_decode: a matrix whose width M divides");
+  if (bytes != (value_type == kValueF32 ? 4 : 2)) throw std::invalid_argument("nm_decode: value type and bits differ");
+  const int64_t rows = out.size(0), columns = out.size(1), groups = columns / m, per_row = groups * n;
+  const Grid grid = grid_of(scale, zero, rows, columns, group_width, code_bits);
+  const int64_t pattern_bytes = (groups + t.k - 1) / t.k;
+  if (patterns.scalar_type() != at::kByte || !patterns.is_contiguous() || patterns.dim() != 2 ||
+      patterns.size(0) != rows || patterns.size(1) != pattern_bytes)
+    throw std::invalid_argument("nm_decode: pattern bytes must be (rows, ceil(groups / k)) uint8");
+  const int64_t value_row = grid.on() ? code_row_bytes(per_row, code_bits) : per_row;
+  if (!values.is_contiguous() || values.dim() != 2 || values.size(0) != rows || values.size(1) != value_row ||
+      (grid.on() ? values.scalar_type() != at::kByte : values.scalar_type() != out.scalar_type()))
+    throw std::invalid_argument("nm_decode: values must be (rows, stored per row) of the output's type, or codes");
+  char* data = static_cast<char*>(out.data_ptr());
+  const uint8_t* pattern_data = patterns.data_ptr<uint8_t>();
+  const char* value_data = static_cast<const char*>(values.data_ptr());
+  const int64_t value_row_bytes = value_row * values.element_size();
+  std::atomic<bool> valid{true};
+  at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end && valid.load(std::memory_order_relaxed); ++r) {
+      const char* from = value_data + r * value_row_bytes;
+      const uint8_t* code_row = grid.on() ? reinterpret_cast<const uint8_t*>(from) : nullptr;
+      const bool ok =
+          bytes == 2 ? nm_decode_row(pattern_data + r * pattern_bytes, pattern_bytes, groups, t, grid, r, value_type,
+                                     reinterpret_cast<const uint16_t*>(from), code_row, columns,
+                                     reinterpret_cast<uint16_t*>(data) + r * columns)
+                     : nm_decode_row(pattern_data + r * pattern_bytes, pattern_bytes, groups, t, grid, r, value_type,
+                                     reinterpret_cast<const uint32_t*>(from), code_row, columns,
+                                     reinterpret_cast<uint32_t*>(data) + r * columns);
+      if (!ok) valid.store(false);
+    }
+  });
+  return valid.load();
+}
+
 }  // namespace
 
 void bind_codec(pybind11::module& m) {
+  m.def("nm_encode", &nm_encode, "N:M pattern bytes, position bitmask and values (or checked codes) of a matrix");
+  m.def("nm_decode", &nm_decode, "pattern bytes and values (or codes) written into a dense matrix");
   m.def("bitmask_scan", &bitmask_scan, "(bitmask, non-zeros per row, fits 2:4) of a matrix of float bits");
   m.def("bitmask_gather", &bitmask_gather, "the values at a bitmask's set bits, row-major");
   m.def("bitmask_scatter", &bitmask_scatter, "a bitmask and its values written into a dense matrix");
