@@ -4,8 +4,8 @@
     python benchmarks/bench_format.py --nsamples 4 --windows 2 --configs sparsegpt:2:4+4 --sizes --timed  # a quick look
 
 Each ``--configs`` configuration prunes a fresh copy of SmolLM2-135M with SparseGPT on the
-protocol's 64 x 512 calibration windows (``+4``: 4-bit, group 128, symmetric, quantized jointly in
-the sweep), scores it under docs/PROTOCOL.md, and saves it compact in bfloat16. ``--sizes``
+protocol's 64 x 512 calibration windows (``+4``: 4-bit, group 128, symmetric, min-max ranges,
+quantized jointly in the sweep; ``+4/g32/asym/mse`` changes each of those), scores it under docs/PROTOCOL.md, and saves it compact in bfloat16. ``--sizes``
 configurations are pruned by magnitude and quantized round-to-nearest, and only measured for
 size: with exact per-layer sparsity, which method chose the zeros does not change the bytes. Bytes: the decoder-block linear layers
 (the pruned ones) on disk against the same tensors dense in bfloat16, and the whole weights file
@@ -35,14 +35,26 @@ from sparsellm.format.manifest import MANIFEST_FILE
 HERE = Path(__file__).parent
 DEFAULT_CONFIGS = ["sparsegpt:2:4", "sparsegpt:2:4+4"]
 SIZES = ["magnitude:0.5", "magnitude:0.7", "magnitude:2:4", "magnitude:2:4+4", "magnitude:0.5+4"]
-TIMED = ["magnitude:0.5", "magnitude:2:4+4"]
+TIMED = ["magnitude:0.5", "magnitude:2:4", "magnitude:2:4+4"]
 
 
-def parse_config(config: str) -> tuple[str, str, float | None, int | None]:
-    config, _, bits = config.partition("+")
+def parse_config(config: str) -> tuple[str, str, float | None, sparsellm.QuantScheme | None]:
+    """method:sparsity or method:N:M, then +BITS[/gGROUP][/sym|/asym][/minmax|/mse] (default g128, sym, minmax)."""
+    config, _, quantization = config.partition("+")
     method, rest = config.split(":", 1)
     pattern, sparsity = (rest, None) if ":" in rest else ("unstructured", float(rest))
-    return method, pattern, sparsity, int(bits) if bits else None
+    if not quantization:
+        return method, pattern, sparsity, None
+    bits, *options = quantization.split("/")
+    scheme = {"bits": int(bits)}
+    for option in options:
+        if option in ("sym", "asym"):
+            scheme["symmetric"] = option == "sym"
+        elif option in ("minmax", "mse"):
+            scheme["observer"] = option
+        else:
+            scheme["group_size"] = int(option.removeprefix("g"))
+    return method, pattern, sparsity, sparsellm.QuantScheme(**scheme)
 
 
 def weight_files_bytes(folder: Path) -> int:
@@ -74,22 +86,21 @@ def prepare_fast(config: str):
     """The sample pruned by magnitude (no data) and, with +BITS, quantized round-to-nearest."""
     from sparsellm.weights.quant import round_to_nearest
 
-    method, pattern, sparsity, bits = parse_config(config)
+    method, pattern, sparsity, scheme = parse_config(config)
     model, tokenizer = sparsellm.load_model("sample")
     report = sparsellm.prune(model, tokenizer, method=method, pattern=pattern, sparsity=sparsity)
-    if bits:
-        round_to_nearest(model, sparsellm.QuantScheme(bits, 128))
+    if scheme:
+        round_to_nearest(model, scheme)
     return model, tokenizer, report
 
 
 def run(config: str, args: argparse.Namespace, workdir: Path, size_only: bool = False) -> dict:
-    method, pattern, sparsity, bits = parse_config(config)
+    method, pattern, sparsity, scheme = parse_config(config)
     if size_only:
         model, tokenizer, report = prepare_fast(config)
         quality = None
     else:
         model, tokenizer = sparsellm.load_model("sample")
-        scheme = sparsellm.QuantScheme(bits, 128) if bits else None
         report = sparsellm.prune(model, tokenizer, method=method, pattern=pattern, sparsity=sparsity,
                                  nsamples=args.nsamples, seqlen=512, quantization=scheme)
         quality = sparsellm.evaluate(model, tokenizer, max_windows=args.windows)
@@ -100,7 +111,8 @@ def run(config: str, args: argparse.Namespace, workdir: Path, size_only: bool = 
     layers = json.loads((folder / MANIFEST_FILE).read_text())["layers"]
     packed = sum(entry["bytes"] for entry in layers.values())
     dense_layers = sum(entry["shape"][0] * entry["shape"][1] * 2 for entry in layers.values())
-    result = {"config": config, "pattern": pattern, "sparsity": report.achieved_sparsity, "bits": bits or 16,
+    result = {"config": config, "pattern": pattern, "sparsity": report.achieved_sparsity,
+              "bits": scheme.bits if scheme else 16, "quantization": scheme.describe() if scheme else None,
               "perplexity": quality.perplexity if quality else None, "prune_seconds": report.seconds,
               "layers_bytes": packed, "layers_dense_bf16_bytes": dense_layers, "layers_ratio": packed / dense_layers,
               "file_bytes": weight_files_bytes(folder), "file_dense_bf16_bytes": weight_files_bytes(dense)}
@@ -139,7 +151,8 @@ def table(results: list[dict], timings: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
-                        help="method:sparsity or method:N:M, optionally +BITS (e.g. sparsegpt:2:4+4)")
+                        help="method:sparsity or method:N:M, optionally +BITS[/gGROUP][/asym][/mse] "
+                             "(e.g. sparsegpt:2:4+4, sparsegpt:2:4+4/g32/asym/mse)")
     parser.add_argument("--sizes", nargs="*", default=SIZES, help="configurations measured for size only")
     parser.add_argument("--timed", nargs="*", default=TIMED, help="configurations whose save/load is timed")
     parser.add_argument("--nsamples", type=int, default=64)

@@ -61,11 +61,42 @@ def test_grid_matches_brute_force_and_values_land_on_it(rows, columns, bits, gro
     assert bool(((quantized - weight).abs() <= scales / 2 + 1e-6)[keep].all()) or not symmetric
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 40), st.sampled_from([2, 4, 8]), st.sampled_from([0, 8]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_mse_observer_picks_the_least_error_clipping(rows, columns, bits, group, symmetric, seed):
+    """Each row-group's grid is the best of the 80 shrunk min-max ranges, scored by sum |q - w|^2.4
+    over the kept weights, written out one candidate at a time with Python floats."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator) ** 3  # heavy tails: clipping pays
+    keep = torch.rand(rows, columns, generator=generator) >= 0.3
+    weight = weight * keep
+    minmax, scheme = QuantScheme(bits, group, symmetric), QuantScheme(bits, group, symmetric, "mse")
+    scale, zero = fit_grid(weight, scheme, keep)
+    width = group or columns
+
+    def error(values, s, z):
+        return sum(abs((min(max(round(v / s) + z, 0), scheme.levels - 1) - z) * s - v) ** 2.4 for v in values)
+
+    for row, start in itertools.product(range(rows), range(0, columns, width)):
+        values = weight[row, start:start + width][keep[row, start:start + width]].tolist()
+        s, z = float(scale[row, start // width]), int(zero[row, start // width])
+        candidates = []
+        for step in range(80):
+            shrunk = torch.tensor([v * (1 - step / 100) for v in values]).float()
+            candidates.append(brute_force_grid(shrunk, torch.ones(len(values), dtype=torch.bool), minmax))
+        best = min(error(values, *c) for c in candidates)
+        assert (s, z) in candidates and error(values, s, z) == pytest.approx(best, rel=1e-4, abs=1e-9)
+        assert error(values, s, z) <= error(values, *candidates[0]) + 1e-9  # never worse than min-max
+
+
 def test_scheme_checks():
     with pytest.raises(SparseLLMError, match="--bits must be one of"):
         QuantScheme(3)
     with pytest.raises(SparseLLMError, match="--group-size"):
         QuantScheme(4, -1)
+    with pytest.raises(SparseLLMError, match="--quant-observer"):
+        QuantScheme(4, 128, True, "max")
 
 
 def reference_sweep(weight, hessian, keep_fn, scheme, percdamp=0.01):

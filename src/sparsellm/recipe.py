@@ -15,7 +15,7 @@ Every output folder keeps the recipe that made it (``recipe.yaml``), with every 
     calibration: {data: builtin, nsamples: 64, seqlen: 512, seed: 0, sampling: consecutive, batch_size: 8}
     evaluation: {enabled: true, data: builtin, seqlen: 512, windows: 32, batch_size: 4}
     target: {max_ppl_increase: null, max_size: null, search_step: 0.01}
-    quantization: {bits: null, group_size: 128, symmetric: true}
+    quantization: {bits: null, group_size: 128, symmetric: true, observer: minmax}
     activations: {sparsity: 0.4, nsamples: 32, held_out_windows: 8}
     format: compact
     save_dtype: null
@@ -43,7 +43,7 @@ CALIBRATION = {"data": "builtin", "nsamples": 64, "seqlen": 512, "seed": 0, "sam
                "batch_size": 8}
 EVALUATION = {"enabled": False, "data": "builtin", "seqlen": 512, "windows": 32, "batch_size": 4}
 TARGET = {"max_ppl_increase": None, "max_size": None, "search_step": 0.01}
-QUANTIZATION = {"bits": None, "group_size": 128, "symmetric": True}
+QUANTIZATION = {"bits": None, "group_size": 128, "symmetric": True, "observer": "minmax"}
 ACTIVATIONS = {"sparsity": None, "nsamples": 32, "held_out_windows": 8}  # TEAL thresholds, calibrated after pruning
 SECTIONS = {"calibration": CALIBRATION, "evaluation": EVALUATION, "target": TARGET, "quantization": QUANTIZATION,
             "activations": ACTIVATIONS}

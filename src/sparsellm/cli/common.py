@@ -70,9 +70,12 @@ def add_quantization(parser: argparse.ArgumentParser, recipe: bool = False) -> N
                           help="with --bits: symmetric grid, no zero points (default)")
     symmetry.add_argument("--asym", dest="symmetric", action="store_false", default=default(True),
                           help="with --bits: asymmetric grid with a zero point per group")
+    parser.add_argument("--quant-observer", choices=["minmax", "mse"], default=default("minmax"),
+                        help="with --bits: fit each grid to the kept weights' range (minmax, default) or to the "
+                             "clipped range with the least rounding error (mse)")
 
 
 def quantization(args: argparse.Namespace):
     from ..weights.quant import QuantScheme
 
-    return QuantScheme(args.bits, args.group_size, args.symmetric) if args.bits else None
+    return QuantScheme(args.bits, args.group_size, args.symmetric, args.quant_observer) if args.bits else None

@@ -30,6 +30,7 @@ RECIPE_FLAGS = {
     "max_ppl_increase": "target.max_ppl_increase", "target_size": "target.max_size",
     "search_step": "target.search_step",
     "bits": "quantization.bits", "group_size": "quantization.group_size", "symmetric": "quantization.symmetric",
+    "quant_observer": "quantization.observer",
     "per_row": "method_options.per_row", "blocksize": "method_options.blocksize",
     "percdamp": "method_options.percdamp", "calibration_inputs": "method_options.calibration_inputs",
     "owl_m": "allocation_options.m", "owl_lambda": "allocation_options.lam", "owl_tune": "allocation_options.tune",
