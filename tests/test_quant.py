@@ -99,8 +99,10 @@ def test_scheme_checks():
         QuantScheme(4, 128, True, "max")
 
 
-def reference_sweep(weight, hessian, keep_fn, scheme, percdamp=0.01):
-    """OBS one column at a time, every update applied at once (no blocks, no lazy batches)."""
+def reference_sweep(weight, hessian, keep_fn, scheme, percdamp=0.01, fit_keep=None):
+    """OBS one column at a time, every update applied at once (no blocks, no lazy batches).
+
+    ``fit_keep(W, U, i, width)`` gives the weights a group's grid is fitted on (default: the mask so far)."""
     W = weight.clone().double()
     U = inverse_hessian_factor(hessian, percdamp).double()
     columns = W.shape[1]
@@ -110,7 +112,8 @@ def reference_sweep(weight, hessian, keep_fn, scheme, percdamp=0.01):
     for i in range(columns):
         keep_fn(W, U, keep, i)
         if i % width == 0:
-            scale, zero = fit_grid(W[:, i:i + width].float(), scheme, keep[:, i:i + width], group_size=width)
+            counted = keep[:, i:i + width] if fit_keep is None else fit_keep(W, U, i, width)
+            scale, zero = fit_grid(W[:, i:i + width].float(), scheme, counted, group_size=width)
         s, z = scale[:, 0].double(), zero[:, 0].double()
         q = ((torch.round(W[:, i] / s) + z).clamp(0, scheme.levels - 1) - z) * s
         q = q.masked_fill(~keep[:, i], 0.0)
@@ -137,7 +140,11 @@ def test_joint_sparsegpt_24_matches_a_column_by_column_reference():
             scores = W[:, i:i + 4].square() / torch.diag(U)[i:i + 4].square()
             keep[:, i:i + 4] = nm_mask(scores, 2, 4)
 
-    expected, expected_keep = reference_sweep(weight, hessian, choose_24, scheme)
+    def foretold_24(W, U, i, width):  # a group's grid: fitted on the 2:4 masks its current scores give
+        scores = W[:, i:i + width].square() / torch.diag(U)[i:i + width].square()
+        return nm_mask(scores, 2, 4)
+
+    expected, expected_keep = reference_sweep(weight, hessian, choose_24, scheme, fit_keep=foretold_24)
     quantizer = LayerQuantizer(scheme, *weight.shape)
     result = SparseGPT(blocksize=32).fasterprune(weight.clone(), hessian, [0.5], Pattern(2, 4), quantizer=quantizer)
     keep = result != 0

@@ -27,7 +27,7 @@ import torch
 from ..errors import SparseLLMError
 from ..logging_utils import logger
 from .base import HESSIAN, InputStatistics, PruningMethod, register
-from .masks import Pattern, prune_lowest, prune_lowest_per_row, split_count
+from .masks import Pattern, nm_mask, prune_lowest, prune_lowest_per_row, split_count
 from .quant import LayerQuantizer
 
 
@@ -146,7 +146,11 @@ class SparseGPT(PruningMethod):
                 column = first_column + i
                 if quantizer is not None and not quantizer.per_channel and column % quantizer.group_size == 0:
                     span = slice(i, i + quantizer.group_size)
-                    quantizer.fit(column, W1[:, span], ~pruned[:, span])
+                    kept = ~pruned[:, span]
+                    if pattern.is_nm:  # N:M masks come later in the group: fit on the ones its scores foretell
+                        scores = W1[:, span].square() / d[span].square().unsqueeze(0)
+                        kept = nm_mask(scores, pattern.n, pattern.m)
+                    quantizer.fit(column, W1[:, span], kept)
                 w = W1[:, i]
                 q = w.masked_fill(pruned[:, i], 0.0)
                 if quantizer is not None:
