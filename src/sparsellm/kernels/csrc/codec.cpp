@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
@@ -20,6 +19,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "kernels.h"
@@ -185,24 +185,45 @@ bool bitmask_scatter(const at::Tensor& values, const at::Tensor& mask, const at:
 
 enum ValueType : int64_t { kValueF32 = 0, kValueBF16 = 1, kValueF16 = 2 };
 
-float to_float(uint32_t bits, int64_t type) {
-  if (type == kValueF32) {
+// A float's raw bits: 32 for float32, 16 for bfloat16 and float16.
+template <int64_t kType>
+using Bits = std::conditional_t<kType == kValueF32, uint32_t, uint16_t>;
+
+template <int64_t kType>
+float to_float(Bits<kType> bits) {
+  if constexpr (kType == kValueF32) {
     float value;
     std::memcpy(&value, &bits, 4);
     return value;
+  } else if constexpr (kType == kValueBF16) {
+    return float(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+  } else {
+    return float(c10::Half(bits, c10::Half::from_bits()));
   }
-  if (type == kValueBF16) return float(c10::BFloat16(uint16_t(bits), c10::BFloat16::from_bits()));
-  return float(c10::Half(uint16_t(bits), c10::Half::from_bits()));
 }
 
-uint32_t from_float(float value, int64_t type) {  // rounds to nearest even, as torch's casts do
-  if (type == kValueF32) {
+template <int64_t kType>
+Bits<kType> from_float(float value) {  // rounds to nearest even, as torch's casts do
+  if constexpr (kType == kValueF32) {
     uint32_t bits;
     std::memcpy(&bits, &value, 4);
     return bits;
+  } else if constexpr (kType == kValueBF16) {
+    return c10::BFloat16(value).x;
+  } else {
+    return c10::Half(value).x;
   }
-  if (type == kValueBF16) return c10::BFloat16(value).x;
-  return c10::Half(value).x;
+}
+
+// Calls f(std::integral_constant<int64_t, type>) for a runtime ValueType.
+template <typename F>
+auto with_value_type(int64_t value_type, F&& f) {
+  switch (value_type) {
+    case kValueF32: return f(std::integral_constant<int64_t, kValueF32>{});
+    case kValueBF16: return f(std::integral_constant<int64_t, kValueBF16>{});
+    case kValueF16: return f(std::integral_constant<int64_t, kValueF16>{});
+    default: throw std::invalid_argument("N:M codec: unknown value type");
+  }
 }
 
 // round half to even, as torch.round; std::nearbyint is a library call that saves the FP environment
@@ -267,41 +288,66 @@ class GridCursor {
   int64_t at_, end_;
 };
 
-template <typename T>
+// Appends bit fields to a row of bytes, LSB first, a whole byte at a time.
+class BitWriter {
+ public:
+  explicit BitWriter(uint8_t* out) : out_(out) {}
+  void put(uint32_t value, int bits) {  // value < 2^bits, bits <= 32
+    pending_ |= uint64_t(value) << filled_;
+    for (filled_ += bits; filled_ >= 8; filled_ -= 8) *out_++ = uint8_t(pending_), pending_ >>= 8;
+  }
+  void flush() {
+    if (filled_) *out_++ = uint8_t(pending_), pending_ = 0, filled_ = 0;
+  }
+
+ private:
+  uint8_t* out_;
+  uint64_t pending_ = 0;
+  int filled_ = 0;
+};
+
+// One row; kM is M when known at compile time (0: read it from the tables). Table fields are
+// copied to locals: byte stores may alias anything, and would otherwise force reloads.
+template <int64_t kType, int kM, typename T = Bits<kType>>
 int64_t nm_encode_row(const T* row, int64_t columns, const NMTables& t, const Grid& grid, int64_t r,
-                      int64_t value_type, uint8_t* pattern_row, uint8_t* mask_row, T* value_row, uint8_t* code_row) {
+                      uint8_t* pattern_row, uint8_t* mask_row, T* value_row, uint8_t* code_row) {
   constexpr T magnitude = T(~(T(1) << (8 * sizeof(T) - 1)));
-  const float top = float((1 << grid.bits) - 1);
+  const int m = kM ? kM : int(t.m), n = int(t.n), k = int(t.k), base = int(t.patterns), code_bits = int(grid.bits);
+  const int16_t* const numbers = t.numbers;
+  const uint8_t* const positions = t.positions;
+  const bool quantized = grid.on();
+  const float top = float((1 << code_bits) - 1);
   GridCursor cursor(grid, r);
-  int64_t stored = 0, digit = 0, weight = 1;
-  uint8_t* pattern_byte = pattern_row;
-  for (int64_t c0 = 0; c0 < columns; c0 += t.m) {
-    T words[16];
+  BitWriter mask(mask_row), codes(code_row);
+  unsigned pattern_byte = 0, weight = 1;
+  int digit = 0;
+  for (int64_t c0 = 0; c0 < columns; c0 += m) {
     uint32_t group_mask = 0;
-    for (int64_t j = 0; j < t.m; ++j) {
-      words[j] = (row[c0 + j] & magnitude) ? row[c0 + j] : T(0);  // -0.0 is stored as +0.0
-      group_mask |= uint32_t(words[j] != 0) << j;
-    }
-    const int16_t number = t.numbers[group_mask];
+    for (int j = 0; j < m; ++j) group_mask |= uint32_t((row[c0 + j] & magnitude) != 0) << j;
+    const int number = numbers[group_mask];
     if (number < 0) return 1;
-    *pattern_byte += uint8_t(number * weight);
-    if (++digit == t.k) digit = 0, weight = 1, ++pattern_byte;
-    else weight *= t.patterns;
-    for (int64_t i = 0; i < t.n; ++i, ++stored) {
-      const int64_t column = c0 + t.positions[number * t.n + i];
-      mask_row[column >> 3] |= uint8_t(1u << (column & 7));
-      const T word = words[column - c0];
-      if (!grid.on()) {
-        value_row[stored] = word;
+    pattern_byte += unsigned(number) * weight;
+    if (++digit == k) *pattern_row++ = uint8_t(pattern_byte), pattern_byte = 0, digit = 0, weight = 1;
+    else weight *= unsigned(base);
+    uint32_t stored_mask = 0;
+    for (int i = 0; i < n; ++i) {
+      const int position = positions[number * n + i];
+      stored_mask |= 1u << position;
+      const T word = (row[c0 + position] & magnitude) ? row[c0 + position] : T(0);  // -0.0 is stored as +0.0
+      if (!quantized) {
+        *value_row++ = word;
         continue;
       }
-      const auto [s, z] = cursor.at(column);
-      const float code = std::min(std::max(round_even(to_float(word, value_type) / s) + z, 0.0f), top);
-      if (std::isnan(code) || from_float((code - z) * s, value_type) != uint32_t(word)) return 2;
-      const int64_t bit = stored * grid.bits;
-      code_row[bit >> 3] |= uint8_t(uint32_t(code) << (bit & 7));
+      const auto [s, z] = cursor.at(c0 + position);
+      const float code = std::min(std::max(round_even(to_float<kType>(word) / s) + z, 0.0f), top);
+      if (std::isnan(code) || from_float<kType>((code - z) * s) != word) return 2;
+      codes.put(uint32_t(code), code_bits);
     }
+    mask.put(stored_mask, m);
   }
+  if (digit) *pattern_row = uint8_t(pattern_byte);
+  mask.flush();
+  codes.flush();
   return 0;
 }
 
@@ -319,9 +365,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
   const int64_t rows = bits.size(0), columns = bits.size(1), groups = columns / m, per_row = groups * n;
   const Grid grid = grid_of(scale, zero, rows, columns, group_width, code_bits);
   const int64_t pattern_bytes = (groups + t.k - 1) / t.k;
-  at::Tensor patterns = at::zeros({rows, pattern_bytes}, at::TensorOptions().dtype(at::kByte));
-  at::Tensor mask = at::zeros({rows, row_bytes(columns)}, at::TensorOptions().dtype(at::kByte));
-  at::Tensor values = grid.on() ? at::zeros({rows, code_row_bytes(per_row, code_bits)}, patterns.options())
+  // every byte is written (the rows' writers flush their last partial byte)
+  at::Tensor patterns = at::empty({rows, pattern_bytes}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor mask = at::empty({rows, row_bytes(columns)}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor values = grid.on() ? at::empty({rows, code_row_bytes(per_row, code_bits)}, patterns.options())
                                 : at::empty({rows, per_row}, bits.options());
   const char* data = static_cast<const char*>(bits.data_ptr());
   uint8_t* pattern_data = patterns.data_ptr<uint8_t>();
@@ -332,23 +379,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
   at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end && status.load(std::memory_order_relaxed) == 0; ++r) {
       uint8_t* code_row = grid.on() ? reinterpret_cast<uint8_t*>(value_data + r * value_row) : nullptr;
-      const int64_t found =
-          bytes == 2 ? nm_encode_row(reinterpret_cast<const uint16_t*>(data) + r * columns, columns, t, grid, r,
-                                     value_type, pattern_data + r * pattern_bytes, mask_data + r * row_bytes(columns),
-                                     reinterpret_cast<uint16_t*>(value_data + r * value_row), code_row)
-                     : nm_encode_row(reinterpret_cast<const uint32_t*>(data) + r * columns, columns, t, grid, r,
-                                     value_type, pattern_data + r * pattern_bytes, mask_data + r * row_bytes(columns),
-                                     reinterpret_cast<uint32_t*>(value_data + r * value_row), code_row);
+      const int64_t found = with_value_type(value_type, [&](auto type) {
+        constexpr int64_t kType = decltype(type)::value;
+        using T = Bits<kType>;
+        const T* row = reinterpret_cast<const T*>(data) + r * columns;
+        uint8_t* pattern_row = pattern_data + r * pattern_bytes;
+        uint8_t* mask_row = mask_data + r * row_bytes(columns);
+        T* values_out = reinterpret_cast<T*>(value_data + r * value_row);
+        return m == 4 ? nm_encode_row<kType, 4>(row, columns, t, grid, r, pattern_row, mask_row, values_out, code_row)
+                      : nm_encode_row<kType, 0>(row, columns, t, grid, r, pattern_row, mask_row, values_out, code_row);
+      });
       if (found) status.store(found);
     }
   });
   return {patterns, mask, values, status.load()};
 }
 
-template <typename T>
+template <int64_t kType, typename T = Bits<kType>>
 bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t groups, const NMTables& t,
-                   const Grid& grid, int64_t r, int64_t value_type, const T* value_row, const uint8_t* code_row,
-                   int64_t columns, T* row) {
+                   const Grid& grid, int64_t r, const T* value_row, const uint8_t* code_row, int64_t columns,
+                   T* row) {
   std::memset(row, 0, columns * sizeof(T));
   GridCursor cursor(grid, r);
   const uint32_t code_mask = (1u << grid.bits) - 1;
@@ -368,7 +418,7 @@ bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t gr
         const int64_t bit = stored * grid.bits;
         const uint32_t code = (code_row[bit >> 3] >> (bit & 7)) & code_mask;
         const auto [s, z] = cursor.at(column);
-        row[column] = T(from_float((float(code) - z) * s, value_type));
+        row[column] = from_float<kType>((float(code) - z) * s);
       }
     }
   }
@@ -405,13 +455,13 @@ bool nm_decode(const at::Tensor& patterns, const at::Tensor& values, int64_t val
     for (int64_t r = begin; r < end && valid.load(std::memory_order_relaxed); ++r) {
       const char* from = value_data + r * value_row_bytes;
       const uint8_t* code_row = grid.on() ? reinterpret_cast<const uint8_t*>(from) : nullptr;
-      const bool ok =
-          bytes == 2 ? nm_decode_row(pattern_data + r * pattern_bytes, pattern_bytes, groups, t, grid, r, value_type,
-                                     reinterpret_cast<const uint16_t*>(from), code_row, columns,
-                                     reinterpret_cast<uint16_t*>(data) + r * columns)
-                     : nm_decode_row(pattern_data + r * pattern_bytes, pattern_bytes, groups, t, grid, r, value_type,
-                                     reinterpret_cast<const uint32_t*>(from), code_row, columns,
-                                     reinterpret_cast<uint32_t*>(data) + r * columns);
+      const bool ok = with_value_type(value_type, [&](auto type) {
+        constexpr int64_t kType = decltype(type)::value;
+        using T = Bits<kType>;
+        return nm_decode_row<kType>(pattern_data + r * pattern_bytes, pattern_bytes, groups, t, grid, r,
+                                    reinterpret_cast<const T*>(from), code_row, columns,
+                                    reinterpret_cast<T*>(data) + r * columns);
+      });
       if (!ok) valid.store(false);
     }
   });
