@@ -276,16 +276,19 @@ int64_t code_row_bytes(int64_t count, int64_t bits) { return (count * bits + 7) 
 // The grid entry of the columns a row reaches in ascending order, without a division per weight.
 class GridCursor {
  public:
-  GridCursor(const Grid& grid, int64_t row) : grid_(grid), at_(row * grid.groups), end_(grid.width) {}
+  GridCursor(const Grid& grid, int64_t row)
+      : scale_(grid.scale + row * grid.groups), zero_(grid.zero + row * grid.groups), width_(grid.width),
+        end_(grid.width) {}
   // (scale, zero point) of ``column``, which must not be left of the previous call's
   std::pair<float, float> at(int64_t column) {
-    while (column >= end_) ++at_, end_ += grid_.width;
-    return {grid_.scale[at_], grid_.zero[at_]};
+    while (column >= end_) ++scale_, ++zero_, end_ += width_;
+    return {*scale_, *zero_};
   }
 
  private:
-  const Grid& grid_;
-  int64_t at_, end_;
+  const float* scale_;
+  const float* zero_;
+  int64_t width_, end_;
 };
 
 // Appends bit fields to a row of bytes, LSB first, a whole byte at a time.
@@ -400,23 +403,29 @@ bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t gr
                    const Grid& grid, int64_t r, const T* value_row, const uint8_t* code_row, int64_t columns,
                    T* row) {
   std::memset(row, 0, columns * sizeof(T));
+  const int m = int(t.m), n = int(t.n), k = int(t.k), code_bits = int(grid.bits);
+  const int16_t* const digits = t.digits;
+  const uint8_t* const positions = t.positions;
+  const bool quantized = grid.on();
+  const uint32_t code_mask = (1u << code_bits) - 1;
   GridCursor cursor(grid, r);
-  const uint32_t code_mask = (1u << grid.bits) - 1;
-  int64_t stored = 0;
+  uint64_t pending = 0;  // code bits read ahead, LSB first
+  int filled = 0;
   for (int64_t b = 0, g = 0; b < pattern_bytes; ++b) {
-    const int16_t* held = t.digits + int64_t(pattern_row[b]) * t.k;
-    for (int64_t d = 0; d < t.k; ++d, ++g) {
+    const int16_t* held = digits + int64_t(pattern_row[b]) * k;
+    for (int d = 0; d < k; ++d, ++g) {
       if (held[d] < 0 || (g >= groups && held[d] != 0)) return false;
       if (g >= groups) continue;
-      const uint8_t* kept = t.positions + held[d] * t.n;
-      for (int64_t i = 0; i < t.n; ++i, ++stored) {
-        const int64_t column = g * t.m + kept[i];
-        if (!grid.on()) {
-          row[column] = value_row[stored];
+      const uint8_t* kept = positions + held[d] * n;
+      for (int i = 0; i < n; ++i) {
+        const int64_t column = g * m + kept[i];
+        if (!quantized) {
+          row[column] = *value_row++;
           continue;
         }
-        const int64_t bit = stored * grid.bits;
-        const uint32_t code = (code_row[bit >> 3] >> (bit & 7)) & code_mask;
+        if (filled < code_bits) pending |= uint64_t(*code_row++) << filled, filled += 8;
+        const uint32_t code = uint32_t(pending) & code_mask;
+        pending >>= code_bits, filled -= code_bits;
         const auto [s, z] = cursor.at(column);
         row[column] = from_float<kType>((float(code) - z) * s);
       }
