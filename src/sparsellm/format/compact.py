@@ -363,7 +363,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     layer into ``module`` (sparse kernels run the packed form); the module's bias is loaded by then.
     """
     folder = Path(folder)
-    with CompactFolder(folder, deferred_checks=True) as compact:
+    with CompactFolder(folder) as compact:
         model = _model_skeleton(folder, dtype)
         state = model.state_dict()
         expected = set(state) - set(getattr(model, "all_tied_weights_keys", None) or {})

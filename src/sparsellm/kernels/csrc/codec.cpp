@@ -284,11 +284,23 @@ class GridCursor {
     while (column >= end_) ++scale_, ++zero_, end_ += width_;
     return {*scale_, *zero_};
   }
+  // whether ``column`` starts a new grid since the previous call (then ``at`` moves to it)
+  bool moves(int64_t column) const { return column >= end_; }
 
  private:
   const float* scale_;
   const float* zero_;
   int64_t width_, end_;
+};
+
+// The decoded words of every code of one grid, (q - z) * s cast as torch casts: a lookup per
+// weight instead of arithmetic and a rounding (for codes of up to 4 bits: 16 words per group).
+template <int64_t kType>
+struct CodeTable {
+  Bits<kType> words[16];
+  void fill(float s, float z, int levels) {
+    for (int q = 0; q < levels; ++q) words[q] = from_float<kType>((float(q) - z) * s);
+  }
 };
 
 // Appends bit fields to a row of bytes, LSB first, a whole byte at a time.
@@ -398,12 +410,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
   return {patterns, mask, values, status.load()};
 }
 
-template <int64_t kType, typename T = Bits<kType>>
+// One row, each group of M built in registers and stored whole (no clearing pass, no scattered
+// stores); kM is M when known at compile time (0: read it from the tables).
+template <int64_t kType, int kM, typename T = Bits<kType>>
 bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t groups, const NMTables& t,
-                   const Grid& grid, int64_t r, const T* value_row, const uint8_t* code_row, int64_t columns,
-                   T* row) {
-  std::memset(row, 0, columns * sizeof(T));
-  const int m = int(t.m), n = int(t.n), k = int(t.k), code_bits = int(grid.bits);
+                   const Grid& grid, int64_t r, const T* value_row, const uint8_t* code_row, T* row) {
+  const int m = kM ? kM : int(t.m), n = int(t.n), k = int(t.k), code_bits = int(grid.bits);
   const int16_t* const digits = t.digits;
   const uint8_t* const positions = t.positions;
   const bool quantized = grid.on();
@@ -411,24 +423,37 @@ bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t gr
   GridCursor cursor(grid, r);
   uint64_t pending = 0;  // code bits read ahead, LSB first
   int filled = 0;
+  CodeTable<kType> table;
+  bool first = true;
   for (int64_t b = 0, g = 0; b < pattern_bytes; ++b) {
     const int16_t* held = digits + int64_t(pattern_row[b]) * k;
     for (int d = 0; d < k; ++d, ++g) {
       if (held[d] < 0 || (g >= groups && held[d] != 0)) return false;
       if (g >= groups) continue;
       const uint8_t* kept = positions + held[d] * n;
+      T group[16] = {};
       for (int i = 0; i < n; ++i) {
-        const int64_t column = g * m + kept[i];
         if (!quantized) {
-          row[column] = *value_row++;
+          group[kept[i]] = *value_row++;
           continue;
         }
         if (filled < code_bits) pending |= uint64_t(*code_row++) << filled, filled += 8;
         const uint32_t code = uint32_t(pending) & code_mask;
         pending >>= code_bits, filled -= code_bits;
-        const auto [s, z] = cursor.at(column);
-        row[column] = from_float<kType>((float(code) - z) * s);
+        const int64_t column = g * m + kept[i];
+        if (code_bits > 4) {
+          const auto [s, z] = cursor.at(column);
+          group[kept[i]] = from_float<kType>((float(code) - z) * s);
+          continue;
+        }
+        if (first || cursor.moves(column)) {
+          const auto [s, z] = cursor.at(column);
+          table.fill(s, z, 1 << code_bits);
+          first = false;
+        }
+        group[kept[i]] = table.words[code];
       }
+      std::memcpy(row + g * m, group, m * sizeof(T));
     }
   }
   return true;
@@ -467,9 +492,11 @@ bool nm_decode(const at::Tensor& patterns, const at::Tensor& values, int64_t val
       const bool ok = with_value_type(value_type, [&](auto type) {
         constexpr int64_t kType = decltype(type)::value;
         using T = Bits<kType>;
-        return nm_decode_row<kType>(pattern_data + r * pattern_bytes, pattern_bytes, groups, t, grid, r,
-                                    reinterpret_cast<const T*>(from), code_row, columns,
-                                    reinterpret_cast<T*>(data) + r * columns);
+        const uint8_t* pattern_row = pattern_data + r * pattern_bytes;
+        const T* values_in = reinterpret_cast<const T*>(from);
+        T* row = reinterpret_cast<T*>(data) + r * columns;
+        return m == 4 ? nm_decode_row<kType, 4>(pattern_row, pattern_bytes, groups, t, grid, r, values_in, code_row, row)
+                      : nm_decode_row<kType, 0>(pattern_row, pattern_bytes, groups, t, grid, r, values_in, code_row, row);
       });
       if (!ok) valid.store(false);
     }
