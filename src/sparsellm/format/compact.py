@@ -18,7 +18,6 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,7 +38,6 @@ from .manifest import (
     MANIFEST_FILE,
     check_file,
     check_tensor,
-    checksum,
     dtype_name,
     read_manifest,
     tensor_entry,
@@ -105,18 +103,14 @@ def planned_bytes(model: nn.Module, nonzeros: Mapping[str, int], patterns: Mappi
 
 
 class _ShardWriter:
-    """Groups tensors into safetensors files of at most ``limit`` bytes (a layer's tensors stay together).
+    """Groups tensors into safetensors files of at most ``limit`` bytes (a layer's tensors stay together)."""
 
-    Checksums run on a second thread (CRC-32 releases the GIL) while the next layers are encoded.
-    """
-
-    def __init__(self, folder: Path, limit: int, checksums: ThreadPoolExecutor):
-        self.folder, self.limit, self.checksums = folder, limit, checksums
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.entries: dict[str, dict] = {}
-        self.crc32: dict[str, Future] = {}
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -124,8 +118,7 @@ class _ShardWriter:
             self._flush()
         for name, tensor in tensors.items():
             self.pending[name] = tensor.detach().cpu().contiguous()
-            self.crc32[name] = self.checksums.submit(checksum, self.pending[name])
-            self.entries[name] = tensor_entry(self.pending[name], "", crc32="")
+            self.entries[name] = tensor_entry(self.pending[name], "")
         self.pending_bytes += size
 
     def _flush(self) -> None:
@@ -143,7 +136,7 @@ class _ShardWriter:
             file = "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
             os.replace(self.folder / f".shard-{index}", self.folder / file)
             for name in names:
-                self.entries[name] |= {"file": file, "crc32": self.crc32[name].result()}
+                self.entries[name]["file"] = file
                 weight_map[name] = file
         if count > 1:
             total = sum(entry_bytes(e) for e in self.entries.values())
@@ -209,8 +202,8 @@ def save(model: nn.Module, tokenizer, output: str | os.PathLike, metadata: dict 
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     hints = _pattern_hints(metadata)
     layers: dict[str, dict] = {}
-    with atomic_folder(output, overwrite) as staging, ThreadPoolExecutor(1) as checksums:
-        writer = _ShardWriter(staging, max_shard_bytes, checksums)
+    with atomic_folder(output, overwrite) as staging:
+        writer = _ShardWriter(staging, max_shard_bytes)
         state = offload.state_tensors(model)
         for name, tensor in progress(state, desc="compact save", unit="tensor", total=len(model.state_dict())):
             if name in tied:
@@ -260,11 +253,8 @@ class CompactFolder:
     rebuilds the dense weight); sparse kernels can build their own runtime layout from it.
     """
 
-    def __init__(self, folder: str | os.PathLike, deferred_checks: bool = False):
+    def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        # deferred: checksums run on a second thread while the caller decodes; ``verify`` waits for them
-        self._checksums = ThreadPoolExecutor(1) if deferred_checks else None
-        self._pending: list[tuple[str, torch.Tensor, dict, Future]] = []
         self.manifest = read_manifest(self.folder)
         self.entries: dict[str, dict] = self.manifest["tensors"]
         self.layers: dict[str, dict] = self.manifest["layers"]
@@ -287,14 +277,6 @@ class CompactFolder:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
-        if self._checksums is not None:
-            self._checksums.shutdown(cancel_futures=True)
-
-    def verify(self) -> None:
-        """Wait for the deferred checksums; an error names the first tensor that fails."""
-        pending, self._pending = self._pending, []
-        for name, tensor, entry, crc32 in pending:
-            check_tensor(name, tensor, entry, crc32.result())
 
     def tensor(self, name: str) -> torch.Tensor:
         entry = self.entries.get(name)
@@ -304,10 +286,7 @@ class CompactFolder:
             tensor = self._handles[entry["file"]].get_tensor(name)
         except (OSError, SafetensorError, RuntimeError) as exc:
             raise SparseLLMError(f"cannot read tensor {name} from {entry['file']}: {exc}") from exc
-        if self._checksums is None:
-            return check_tensor(name, tensor, entry)
-        self._pending.append((name, tensor, entry, self._checksums.submit(checksum, tensor)))
-        return tensor
+        return check_tensor(name, tensor, entry)
 
     def plain_tensors(self) -> list[str]:
         """Tensors stored as the model holds them (embeddings, norms, layers kept dense)."""
@@ -392,7 +371,6 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
             loaded.add(f"{name}.weight")
             if layer.scheme is not None:
                 attach_grid(model.get_submodule(name), layer.grid())
-        compact.verify()  # before the model is handed out: never numbers from a damaged file
     missing = sorted(expected - loaded)
     if missing:
         raise SparseLLMError(f"tensor {missing[0]} is missing from {folder} ({len(missing)} missing)")

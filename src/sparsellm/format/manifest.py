@@ -34,10 +34,9 @@ def checksum(tensor: torch.Tensor) -> str:
     return f"{zlib.crc32(memoryview(data)) & 0xFFFFFFFF:08x}"
 
 
-def tensor_entry(tensor: torch.Tensor, file: str, crc32: str | None = None) -> dict:
-    """A tensor's line in the manifest (its checksum computed here unless given)."""
-    return {"file": file, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
-            "crc32": checksum(tensor) if crc32 is None else crc32}
+def tensor_entry(tensor: torch.Tensor, file: str) -> dict:
+    """A tensor's line in the manifest."""
+    return {"file": file, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "crc32": checksum(tensor)}
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -99,8 +98,8 @@ def check_file(folder: Path, file: str, expected: dict[str, dict]) -> None:
         raise SparseLLMError(f"tensor {extra[0]} in {file} is not in the manifest")
 
 
-def check_tensor(name: str, tensor: torch.Tensor, entry: dict, crc32: str | None = None) -> torch.Tensor:
-    """``tensor`` if its checksum (computed here unless given) is the manifest's, else an error."""
-    if (checksum(tensor) if crc32 is None else crc32) != entry["crc32"]:
+def check_tensor(name: str, tensor: torch.Tensor, entry: dict) -> torch.Tensor:
+    """``tensor`` if its checksum is the manifest's, else an error."""
+    if checksum(tensor) != entry["crc32"]:
         raise SparseLLMError(f"tensor {name} in {entry['file']} fails its checksum: the file was altered or damaged")
     return tensor
