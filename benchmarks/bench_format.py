@@ -33,7 +33,7 @@ import sparsellm
 from sparsellm.format.manifest import MANIFEST_FILE
 
 HERE = Path(__file__).parent
-DEFAULT_CONFIGS = ["sparsegpt:2:4", "sparsegpt:2:4+4"]
+DEFAULT_CONFIGS = ["sparsegpt:2:4", "sparsegpt:2:4+4", "sparsegpt:2:4+4/g128/asym/mse"]
 SIZES = ["magnitude:0.5", "magnitude:0.7", "magnitude:2:4", "magnitude:2:4+4", "magnitude:0.5+4"]
 TIMED = ["magnitude:0.5", "magnitude:2:4", "magnitude:2:4+4"]
 

@@ -168,7 +168,8 @@ class EncodedLayer:
         """The dense weight as the model holds it (transposed back for Conv1D), in ``dtype``.
 
         ``out`` (the model's parameter, say) receives it when it has the right shape and dtype and
-        the layer is a float bitmask, the common case, which then costs no extra copy.
+        the compiled codecs cover the layout (bitmask, 2:4 bitmask, N:M with floats or codes), which
+        then costs no extra copy.
         """
         if self.layout == DENSE and self.scheme is None:  # a plain tensor, in the model's own orientation
             weight = self.tensors["weight"]
