@@ -95,23 +95,27 @@ class EncodedLayer:
     def dense_bytes(self) -> int:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
-    def stored_mask(self, unpacked: bool = True) -> torch.Tensor | None:
-        """Positions that hold a value, checked against the layout's own bookkeeping (only checked
-        when not ``unpacked``: sparse-24-bitmask)."""
+    def stored_mask(self) -> torch.Tensor:
+        """Positions that hold a value, checked against the layout's own bookkeeping."""
         rows, columns = self.shape
         if self.layout == DENSE:
             return torch.ones(rows, columns, dtype=torch.bool)
         if self.layout == BITMASK:
             return bitmask.unpack(self.tensors, self.shape, self.stored, self.name)
         if self.layout == BITMASK_24:
-            packed = self.tensors["bitmask"]
-            if tuple(packed.shape) != (rows, -(-columns // 8)) or padding_bits_set(packed, columns):
-                raise SparseLLMError(f"{self.name}.bitmask: does not fit a {rows}x{columns} weight")
-            nm.check_24_bitmask(packed, columns, self.name)
-            return unpack_mask(packed, columns) if unpacked else None
+            return unpack_mask(self._checked_24_bitmask(), columns)
         if self.layout == NM:
             return nm.unpack(self.tensors, self.shape, self.pattern, self.name)
         raise SparseLLMError(f"{self.name}: unknown layout '{self.layout}'")
+
+    def _checked_24_bitmask(self) -> torch.Tensor:
+        """The sparse-24-bitmask layout's packed mask: its shape, padding and 2-of-4 groups checked."""
+        rows, columns = self.shape
+        packed = self.tensors["bitmask"]
+        if tuple(packed.shape) != (rows, -(-columns // 8)) or padding_bits_set(packed, columns):
+            raise SparseLLMError(f"{self.name}.bitmask: does not fit a {rows}x{columns} weight")
+        nm.check_24_bitmask(packed, columns, self.name)
+        return packed
 
     def stored_values(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The stored values, row-major over the stored positions, in ``dtype`` (dequantized codes)."""
@@ -184,16 +188,14 @@ class EncodedLayer:
         if self.layout == BITMASK and self.scheme is None:
             bitmask.check_shapes(self.tensors, self.shape, self.name)
             codec.scatter(self.stored_values(), self.tensors["bitmask"], self.tensors["row_offsets"], dense, self.name)
-        elif self.layout == BITMASK_24 and self.scheme is None:
-            self.stored_mask(unpacked=False)
+        elif self.layout == BITMASK_24 and self.scheme is None:  # 2 values a group: row r's start at r * columns / 2
             rows, columns = self.shape
             offsets = torch.arange(rows, dtype=torch.int64) * (columns // 2)
-            codec.scatter(self.stored_values(), self.tensors["bitmask"], offsets, dense, self.name)
+            codec.scatter(self.stored_values(), self._checked_24_bitmask(), offsets, dense, self.name)
         elif self.layout != NM or not self._decode_nm(dense):  # numpy, any layout
             mask = self.stored_mask()
             dense = codec.scatter_at(mask, self.stored_values(mask))
         return dense.t().contiguous() if self.transposed else dense
-
 
     def _decode_nm(self, dense: torch.Tensor) -> bool:
         """Decode a sparse-nm layer into ``dense`` with the compiled codec; False where only numpy can."""
@@ -300,7 +302,7 @@ def _encode_numpy(name: str, matrix: torch.Tensor, found: codec.Scan, keep: torc
     rows, columns = matrix.shape
     tensors: dict[str, torch.Tensor] = {}
     if layout == BITMASK:
-        positions = keep
+        positions = keep  # codes below need them; unpacked there if not yet
         tensors.update(bitmask.pack(found, columns))
         values = codec.gather(matrix, found)
     else:
@@ -319,7 +321,7 @@ def _encode_numpy(name: str, matrix: torch.Tensor, found: codec.Scan, keep: torc
         else:
             tensors["compressed"] = values.view(rows, -1) if layout == BITMASK_24 else values
         return tensors
-    if positions is None and layout == BITMASK:
+    if layout == BITMASK and positions is None:
         positions = unpack_mask(found.bitmask, columns)
     scale, zero, view = stored_grid(grid, layout, pattern, (rows, columns), positions)
     values = values.view(view)

@@ -104,11 +104,10 @@ def fit_grid(values: torch.Tensor, scheme: QuantScheme, keep: torch.Tensor | Non
     counted[:, :columns] = True if keep is None else keep
     blocks = padded.view(rows, groups, width)
     counted = counted.view(rows, groups, width)
-    low = torch.where(counted, blocks, 0.0).amin(-1).clamp_max(0.0)
-    high = torch.where(counted, blocks, 0.0).amax(-1).clamp_min(0.0)
+    kept = torch.where(counted, blocks, 0.0)
+    low, high = kept.amin(-1).clamp_max(0.0), kept.amax(-1).clamp_min(0.0)
     scale, zero = _range_grid(low, high, scheme)
     if scheme.observer == "mse":
-        kept = torch.where(counted, blocks, 0.0)
         best = _grid_error(kept, counted, scale, zero, scheme)
         for step in range(1, MSE_SHRINK_STEPS):
             shrink = 1 - step / MSE_GRID

@@ -13,8 +13,8 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -215,13 +215,17 @@ Bits<kType> from_float(float value) {  // rounds to nearest even, as torch's cas
   }
 }
 
-// Calls f(std::integral_constant<int64_t, type>) for a runtime ValueType.
+// Calls f(std::integral_constant<int64_t, type>, std::integral_constant<int, M or 0>) for a runtime
+// ValueType and M: the row functions are compiled per value type, and for M = 4 (2:4) apart.
 template <typename F>
-auto with_value_type(int64_t value_type, F&& f) {
+auto with_row_kernel(int64_t value_type, int64_t m, F&& f) {
+  const auto with_m = [&](auto type) {
+    return m == 4 ? f(type, std::integral_constant<int, 4>{}) : f(type, std::integral_constant<int, 0>{});
+  };
   switch (value_type) {
-    case kValueF32: return f(std::integral_constant<int64_t, kValueF32>{});
-    case kValueBF16: return f(std::integral_constant<int64_t, kValueBF16>{});
-    case kValueF16: return f(std::integral_constant<int64_t, kValueF16>{});
+    case kValueF32: return with_m(std::integral_constant<int64_t, kValueF32>{});
+    case kValueBF16: return with_m(std::integral_constant<int64_t, kValueBF16>{});
+    case kValueF16: return with_m(std::integral_constant<int64_t, kValueF16>{});
     default: throw std::invalid_argument("N:M codec: unknown value type");
   }
 }
@@ -394,15 +398,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
   at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end && status.load(std::memory_order_relaxed) == 0; ++r) {
       uint8_t* code_row = grid.on() ? reinterpret_cast<uint8_t*>(value_data + r * value_row) : nullptr;
-      const int64_t found = with_value_type(value_type, [&](auto type) {
-        constexpr int64_t kType = decltype(type)::value;
-        using T = Bits<kType>;
-        const T* row = reinterpret_cast<const T*>(data) + r * columns;
-        uint8_t* pattern_row = pattern_data + r * pattern_bytes;
-        uint8_t* mask_row = mask_data + r * row_bytes(columns);
-        T* values_out = reinterpret_cast<T*>(value_data + r * value_row);
-        return m == 4 ? nm_encode_row<kType, 4>(row, columns, t, grid, r, pattern_row, mask_row, values_out, code_row)
-                      : nm_encode_row<kType, 0>(row, columns, t, grid, r, pattern_row, mask_row, values_out, code_row);
+      const int64_t found = with_row_kernel(value_type, m, [&](auto type, auto kM) {
+        using T = Bits<decltype(type)::value>;
+        return nm_encode_row<decltype(type)::value, decltype(kM)::value>(
+            reinterpret_cast<const T*>(data) + r * columns, columns, t, grid, r, pattern_data + r * pattern_bytes,
+            mask_data + r * row_bytes(columns), reinterpret_cast<T*>(value_data + r * value_row), code_row);
       });
       if (found) status.store(found);
     }
@@ -424,7 +424,10 @@ bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t gr
   uint64_t pending = 0;  // code bits read ahead, LSB first
   int filled = 0;
   CodeTable<kType> table;
-  bool first = true;
+  if (quantized && code_bits <= 4 && grid.groups > 0) {
+    const auto [s, z] = cursor.at(0);
+    table.fill(s, z, 1 << code_bits);
+  }
   for (int64_t b = 0, g = 0; b < pattern_bytes; ++b) {
     const int16_t* held = digits + int64_t(pattern_row[b]) * k;
     for (int d = 0; d < k; ++d, ++g) {
@@ -446,10 +449,9 @@ bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t gr
           group[kept[i]] = from_float<kType>((float(code) - z) * s);
           continue;
         }
-        if (first || cursor.moves(column)) {
+        if (cursor.moves(column)) {
           const auto [s, z] = cursor.at(column);
           table.fill(s, z, 1 << code_bits);
-          first = false;
         }
         group[kept[i]] = table.words[code];
       }
@@ -489,14 +491,11 @@ bool nm_decode(const at::Tensor& patterns, const at::Tensor& values, int64_t val
     for (int64_t r = begin; r < end && valid.load(std::memory_order_relaxed); ++r) {
       const char* from = value_data + r * value_row_bytes;
       const uint8_t* code_row = grid.on() ? reinterpret_cast<const uint8_t*>(from) : nullptr;
-      const bool ok = with_value_type(value_type, [&](auto type) {
-        constexpr int64_t kType = decltype(type)::value;
-        using T = Bits<kType>;
-        const uint8_t* pattern_row = pattern_data + r * pattern_bytes;
-        const T* values_in = reinterpret_cast<const T*>(from);
-        T* row = reinterpret_cast<T*>(data) + r * columns;
-        return m == 4 ? nm_decode_row<kType, 4>(pattern_row, pattern_bytes, groups, t, grid, r, values_in, code_row, row)
-                      : nm_decode_row<kType, 0>(pattern_row, pattern_bytes, groups, t, grid, r, values_in, code_row, row);
+      const bool ok = with_row_kernel(value_type, m, [&](auto type, auto kM) {
+        using T = Bits<decltype(type)::value>;
+        return nm_decode_row<decltype(type)::value, decltype(kM)::value>(
+            pattern_data + r * pattern_bytes, pattern_bytes, groups, t, grid, r, reinterpret_cast<const T*>(from),
+            code_row, reinterpret_cast<T*>(data) + r * columns);
       });
       if (!ok) valid.store(false);
     }
