@@ -258,7 +258,7 @@ def test_codec_refuses_offsets_that_disagree_with_the_bitmask(impl):
                                                           (8, 16, True)]))
 def test_compiled_nm_codec_equals_numpy(rows, groups, nm, seed, dtype, quantization):
     """N:M layers (2:4 bitmask, pattern numbers, packed codes) encode to the same bytes and decode to
-    the same bits compiled and in numpy; damaged pattern bytes fail the same way."""
+    the same bits compiled (each implementation) and in numpy; damaged pattern bytes fail the same way."""
     n, m = nm
     generator = torch.Generator().manual_seed(seed)
     matrix = torch.randn(rows, groups * m, generator=generator) * nm_mask(torch.rand(rows, groups * m), n, m)
@@ -268,17 +268,20 @@ def test_compiled_nm_codec_equals_numpy(rows, groups, nm, seed, dtype, quantizat
     if quantization is not None:
         matrix, grid = quantize_matrix(matrix.to(dtype).float(), QuantScheme(*quantization))
     matrix = matrix.to(dtype)
-    compiled = encode("m", matrix, grid, [Pattern(n, m)])
     with patch.object(codec, "_nm_native", return_value=None):
         reference = encode("m", matrix, grid, [Pattern(n, m)])
         expected = reference.unpack()
-    assert compiled.layout == reference.layout and compiled.tensors.keys() == reference.tensors.keys()
-    for suffix, tensor in reference.tensors.items():
-        assert torch.equal(compiled.tensors[suffix].view(torch.uint8), tensor.view(torch.uint8)), suffix
-    assert torch.equal(integer_bits(compiled.unpack()), integer_bits(expected))
     assert same_bits(expected, matrix)
-    per_byte = bits.patterns_per_byte(n, m)
-    if compiled.layout == NM and (math.comb(m, n) ** per_byte < 256 or groups % per_byte):
-        compiled.tensors["patterns"][-1, -1] = 255  # not a base-C(M, N) number, or non-zero padding digits
-        with pytest.raises(SparseLLMError, match="patterns"):
-            compiled.unpack()
+    native = codec._nm_native
+    for impl in COMPILED:
+        with patch.object(codec, "_nm_native", lambda dtype, pattern, _, impl=impl: native(dtype, pattern, impl)):
+            compiled = encode("m", matrix, grid, [Pattern(n, m)])
+            assert compiled.layout == reference.layout and compiled.tensors.keys() == reference.tensors.keys()
+            for suffix, tensor in reference.tensors.items():
+                assert torch.equal(compiled.tensors[suffix].view(torch.uint8), tensor.view(torch.uint8)), impl
+            assert torch.equal(integer_bits(compiled.unpack()), integer_bits(expected)), impl
+            per_byte = bits.patterns_per_byte(n, m)
+            if compiled.layout == NM and (math.comb(m, n) ** per_byte < 256 or groups % per_byte):
+                compiled.tensors["patterns"][-1, -1] = 255  # not a base-C(M, N) number, or non-zero padding digits
+                with pytest.raises(SparseLLMError, match="patterns"):
+                    compiled.unpack()

@@ -159,11 +159,11 @@ def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _nm_native(matrix_dtype: torch.dtype, pattern: Pattern, impl: str | None):
-    """The extension module for an N:M codec call, or None (numpy path) for what it does not cover."""
-    if matrix_dtype not in _VALUE_TYPES or pattern.m > 16 or patterns_per_byte(pattern.n, pattern.m) == 0:
+    """(extension module, use AVX-512) for an N:M codec call, or None (numpy path) for what it does not cover."""
+    if impl == "numpy" or matrix_dtype not in _VALUE_TYPES or pattern.m > 16 \
+            or patterns_per_byte(pattern.n, pattern.m) == 0:
         return None
-    native = _compiled(impl, torch.empty(0, dtype=matrix_dtype))
-    return None if native is None else native[0]
+    return _compiled(impl, torch.empty(0, dtype=matrix_dtype))
 
 
 def _grid_arguments(grid: QuantGrid | None, columns: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -181,12 +181,13 @@ def nm_encode(matrix: torch.Tensor, pattern: Pattern, grid: QuantGrid | None = N
     Values are the stored floats (rows, columns * N / M), or with a ``grid`` the codes packed per
     row; a weight off its grid raises.
     """
-    native = None if impl == "numpy" else _nm_native(matrix.dtype, pattern, impl)
+    native = _nm_native(matrix.dtype, pattern, impl)
     if native is None:
         return None
-    patterns, bitmask, values, status = native.nm_encode(
+    module, avx512 = native
+    patterns, bitmask, values, status = module.nm_encode(
         _bits(matrix), _VALUE_TYPES[matrix.dtype], pattern.n, pattern.m, *_nm_tables(pattern.n, pattern.m),
-        *_grid_arguments(grid, matrix.shape[1]))
+        *_grid_arguments(grid, matrix.shape[1]), avx512)
     if status == 1:
         raise SparseLLMError(f"{name}: keeps more than {pattern.n} of {pattern.m} weights somewhere")
     if status == 2:
@@ -200,12 +201,13 @@ def nm_decode(patterns: torch.Tensor, values: torch.Tensor, pattern: Pattern, gr
     """Write the dense matrix into ``out`` from pattern bytes and values (rows, stored per row) or
     packed codes, compiled; None (``out`` untouched) where only numpy can. Shapes are the caller's
     to check; a pattern byte the encoder never writes raises."""
-    native = None if impl == "numpy" else _nm_native(out.dtype, pattern, impl)
+    native = _nm_native(out.dtype, pattern, impl)
     if native is None:
         return None
+    module, avx512 = native
     source = values if grid is not None else _bits(values)
-    if not native.nm_decode(patterns.contiguous(), source.contiguous(), _VALUE_TYPES[out.dtype], pattern.n,
+    if not module.nm_decode(patterns.contiguous(), source.contiguous(), _VALUE_TYPES[out.dtype], pattern.n,
                             pattern.m, *_nm_tables(pattern.n, pattern.m), *_grid_arguments(grid, out.shape[1]),
-                            _bits(out)):
+                            _bits(out), avx512):
         raise SparseLLMError(f"{name}.patterns: holds numbers that are not {pattern} patterns")
     return out

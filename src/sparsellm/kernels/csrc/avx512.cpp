@@ -495,7 +495,85 @@ void scatter_row(const char* in, const uint8_t* mask, int64_t columns, char* row
   }
 }
 
+// Floats of 16 words (value_type as codec.cpp's: 0 float32, 1 bfloat16, 2 float16), lanes off k zero.
+inline __m512 words_to_float(const void* at, int value_type, __mmask16 k) {
+  if (value_type == 0) return _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(k, at));
+  const __m256i half = _mm256_maskz_loadu_epi16(k, at);
+  if (value_type == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+  return _mm512_cvtph_ps(half);
+}
+
+inline __m512i load_words(const void* at, int value_type, __mmask16 k) {  // zero-extended to 32 bits
+  return value_type == 0 ? _mm512_maskz_loadu_epi32(k, at) : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, at));
+}
+
+// The words of 16 floats (zero-extended to 32 bits), rounded to nearest even, NaN written as the
+// scalar casts of c10 write it (codec.cpp's from_float): the codec's two paths agree bit for bit.
+inline __m512i float_to_words(__m512 x, int value_type) {
+  const __m512i u = _mm512_castps_si512(x);
+  if (value_type == 0) return u;
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  if (value_type == 1) {
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+  }
+  const __m512i half = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000));
+  return _mm512_mask_mov_epi32(half, nan, _mm512_or_si512(sign, _mm512_set1_epi32(0x7e00)));
+}
+
 }  // namespace
+
+void codec_clear_signed_zeros_avx512(void* values, int64_t count, int bytes) {
+  char* at = static_cast<char*>(values);
+  if (bytes == 2) {
+    for (int64_t i = 0; i < count; i += 32) {
+      const __mmask32 k = __mmask32(prefix_bits(std::min<int64_t>(32, count - i)));
+      const __m512i v = _mm512_maskz_loadu_epi16(k, at + 2 * i);
+      _mm512_mask_storeu_epi16(at + 2 * i, k, _mm512_maskz_mov_epi16(_mm512_test_epi16_mask(v, _mm512_set1_epi16(0x7fff)), v));
+    }
+    return;
+  }
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 k = __mmask16(prefix_bits(std::min<int64_t>(16, count - i)));
+    const __m512i v = _mm512_maskz_loadu_epi32(k, at + 4 * i);
+    _mm512_mask_storeu_epi32(at + 4 * i, k, _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(v, _mm512_set1_epi32(0x7fffffff)), v));
+  }
+}
+
+// codec.cpp's quantize_words, 16 at a time: code = clamp(round(w / s) + z), and w must come back.
+bool codec_quantize_avx512(const void* words, int64_t count, int value_type, float scale, float zero, int levels,
+                           uint8_t* codes) {
+  const int bytes = value_type == 0 ? 4 : 2;
+  const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero), top = _mm512_set1_ps(float(levels - 1));
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 k = __mmask16(prefix_bits(std::min<int64_t>(16, count - i)));
+    const char* at = static_cast<const char*>(words) + i * bytes;
+    const __m512 x = words_to_float(at, value_type, k);
+    const __m512 q = _mm512_add_ps(_mm512_roundscale_ps(_mm512_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    if (_mm512_mask_cmp_ps_mask(k, q, q, _CMP_UNORD_Q)) return false;
+    const __m512 code = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), top);
+    const __m512i back = float_to_words(_mm512_mul_ps(_mm512_sub_ps(code, z), s), value_type);
+    if (_mm512_mask_cmpneq_epi32_mask(k, back, load_words(at, value_type, k))) return false;
+    _mm512_mask_cvtepi32_storeu_epi8(codes + i, k, _mm512_cvttps_epi32(code));
+  }
+  return true;
+}
+
+void codec_dequantize_avx512(const uint8_t* codes, int64_t count, int value_type, float scale, float zero,
+                             void* words) {
+  const int bytes = value_type == 0 ? 4 : 2;
+  const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 k = __mmask16(prefix_bits(std::min<int64_t>(16, count - i)));
+    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes + i)));
+    const __m512i w = float_to_words(_mm512_mul_ps(_mm512_sub_ps(q, z), s), value_type);
+    char* at = static_cast<char*>(words) + i * bytes;
+    if (value_type == 0) _mm512_mask_storeu_epi32(at, k, w);
+    else _mm256_mask_storeu_epi16(at, k, _mm512_cvtepi32_epi16(w));
+  }
+}
 
 int64_t codec_scan_row_avx512(const void* row, int64_t columns, int bytes, uint8_t* mask, bool* fits24) {
   return bytes == 2 ? scan_row<2>(static_cast<const char*>(row), columns, mask, fits24)

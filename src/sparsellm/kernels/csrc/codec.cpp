@@ -21,6 +21,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "kernels.h"
 
@@ -61,6 +62,13 @@ void scatter_row(const T* in, const uint8_t* mask, int64_t columns, T* row) {
   std::memset(row, 0, columns * sizeof(T));
   for (int64_t byte = 0; byte < (columns + 7) / 8; ++byte)
     for (unsigned value = mask[byte]; value; value &= value - 1) row[byte * 8 + __builtin_ctz(value)] = *in++;
+}
+
+// -0.0 (or any +-0 pattern) as +0.0: the format stores one zero
+template <typename T>
+void clear_signed_zeros(T* values, int64_t count) {
+  constexpr T magnitude = T(~(T(1) << (8 * sizeof(T) - 1)));
+  for (int64_t i = 0; i < count; ++i) values[i] = (values[i] & magnitude) ? values[i] : T(0);
 }
 
 int64_t row_bytes(int64_t columns) { return (columns + 7) / 8; }
@@ -182,6 +190,11 @@ bool bitmask_scatter(const at::Tensor& values, const at::Tensor& mask, const at:
 // positions, -1 when more than N are kept), ``positions`` (P, N uint8, ascending), ``digits``
 // (256, k int16: the numbers a byte holds, -1 for a byte no pattern numbers make). Values are
 // stored row by row, N per group; quantized ones as codes of ``code_bits`` packed LSB first per row.
+//
+// A row goes through in stages, so that only the pattern bookkeeping is done per group and every
+// per-weight step is a pass the AVX-512 functions (avx512.cpp) run 16 or 32 lanes at a time:
+// encode = non-zero mask, patterns and stored-position mask (per group), gather of the stored
+// values, quantization per grid; decode = the same in reverse.
 
 enum ValueType : int64_t { kValueF32 = 0, kValueBF16 = 1, kValueF16 = 2 };
 
@@ -215,17 +228,12 @@ Bits<kType> from_float(float value) {  // rounds to nearest even, as torch's cas
   }
 }
 
-// Calls f(std::integral_constant<int64_t, type>, std::integral_constant<int, M or 0>) for a runtime
-// ValueType and M: the row functions are compiled per value type, and for M = 4 (2:4) apart.
 template <typename F>
-auto with_row_kernel(int64_t value_type, int64_t m, F&& f) {
-  const auto with_m = [&](auto type) {
-    return m == 4 ? f(type, std::integral_constant<int, 4>{}) : f(type, std::integral_constant<int, 0>{});
-  };
+auto with_value_type(int64_t value_type, F&& f) {
   switch (value_type) {
-    case kValueF32: return with_m(std::integral_constant<int64_t, kValueF32>{});
-    case kValueBF16: return with_m(std::integral_constant<int64_t, kValueBF16>{});
-    case kValueF16: return with_m(std::integral_constant<int64_t, kValueF16>{});
+    case kValueF32: return f(std::integral_constant<int64_t, kValueF32>{});
+    case kValueBF16: return f(std::integral_constant<int64_t, kValueBF16>{});
+    case kValueF16: return f(std::integral_constant<int64_t, kValueF16>{});
     default: throw std::invalid_argument("N:M codec: unknown value type");
   }
 }
@@ -236,11 +244,65 @@ float round_even(float x) {
   return std::fabs(x) < 4194304.0f ? (x + kMagic) - kMagic : x;  // larger: clamped to the codes anyway
 }
 
+// Codes of ``count`` float words on one grid (scale, zero point); false if one is off the grid.
+template <int64_t kType>
+bool quantize_words(const Bits<kType>* words, int64_t count, float scale, float zero, int levels, uint8_t* codes) {
+  const float top = float(levels - 1);
+  for (int64_t i = 0; i < count; ++i) {
+    const float code = std::min(std::max(round_even(to_float<kType>(words[i]) / scale) + zero, 0.0f), top);
+    if (std::isnan(code) || from_float<kType>((code - zero) * scale) != words[i]) return false;
+    codes[i] = uint8_t(code);
+  }
+  return true;
+}
+
+template <int64_t kType>
+void dequantize_codes(const uint8_t* codes, int64_t count, float scale, float zero, Bits<kType>* words) {
+  for (int64_t i = 0; i < count; ++i) words[i] = from_float<kType>((float(codes[i]) - zero) * scale);
+}
+
+// Codes of 2, 4 or 8 bits, 8 / bits to a byte, LSB first (the last byte padded with zero bits).
+template <int kBits>
+void pack_codes_as(const uint8_t* codes, int64_t count, uint8_t* out) {
+  constexpr int kPer = 8 / kBits;
+  const int64_t whole = count / kPer;
+  for (int64_t b = 0; b < whole; ++b) {
+    unsigned byte = 0;
+    for (int j = 0; j < kPer; ++j) byte |= unsigned(codes[b * kPer + j]) << (j * kBits);
+    out[b] = uint8_t(byte);
+  }
+  if (count % kPer) {
+    unsigned byte = 0;
+    for (int64_t j = 0; j < count % kPer; ++j) byte |= unsigned(codes[whole * kPer + j]) << (j * kBits);
+    out[whole] = uint8_t(byte);
+  }
+}
+
+template <int kBits>
+void unpack_codes_as(const uint8_t* packed, int64_t count, uint8_t* codes) {
+  constexpr int kPer = 8 / kBits;
+  constexpr unsigned kMask = (1u << kBits) - 1;
+  for (int64_t b = 0; b < count / kPer; ++b)
+    for (int j = 0; j < kPer; ++j) codes[b * kPer + j] = uint8_t((packed[b] >> (j * kBits)) & kMask);
+  for (int64_t i = count / kPer * kPer; i < count; ++i) codes[i] = uint8_t((packed[i / kPer] >> (i % kPer * kBits)) & kMask);
+}
+
+void pack_codes(const uint8_t* codes, int64_t count, int bits, uint8_t* out) {
+  bits == 2 ? pack_codes_as<2>(codes, count, out) : bits == 4 ? pack_codes_as<4>(codes, count, out)
+                                                              : pack_codes_as<8>(codes, count, out);
+}
+
+void unpack_codes(const uint8_t* packed, int64_t count, int bits, uint8_t* codes) {
+  bits == 2 ? unpack_codes_as<2>(packed, count, codes) : bits == 4 ? unpack_codes_as<4>(packed, count, codes)
+                                                                   : unpack_codes_as<8>(packed, count, codes);
+}
+
 struct NMTables {
   int64_t n, m, k, patterns;  // k: pattern numbers per byte
   const int16_t* numbers;
-  const uint8_t* positions;
   const int16_t* digits;
+  uint32_t kept[256];        // per pattern number: its kept positions as bits
+  uint32_t byte_kept[256];   // per byte: the kept positions of its k groups, k * M <= 32 bits
 };
 
 NMTables nm_tables(int64_t n, int64_t m, const at::Tensor& numbers, const at::Tensor& positions,
@@ -248,11 +310,20 @@ NMTables nm_tables(int64_t n, int64_t m, const at::Tensor& numbers, const at::Te
   if (m < 1 || m > 16 || n < 1 || n > m) throw std::invalid_argument("N:M codec: needs 1 <= N <= M <= 16");
   if (numbers.scalar_type() != at::kShort || !numbers.is_contiguous() || numbers.numel() != (int64_t(1) << m) ||
       positions.scalar_type() != at::kByte || !positions.is_contiguous() || positions.dim() != 2 ||
-      positions.size(1) != n || digits.scalar_type() != at::kShort || !digits.is_contiguous() ||
-      digits.dim() != 2 || digits.size(0) != 256)
+      positions.size(1) != n || positions.size(0) > 256 || digits.scalar_type() != at::kShort ||
+      !digits.is_contiguous() || digits.dim() != 2 || digits.size(0) != 256 || digits.size(1) * m > 32)
     throw std::invalid_argument("N:M codec: malformed pattern tables");
-  return {n, m, digits.size(1), positions.size(0), numbers.data_ptr<int16_t>(), positions.data_ptr<uint8_t>(),
-          digits.data_ptr<int16_t>()};
+  NMTables t{n, m, digits.size(1), positions.size(0), numbers.data_ptr<int16_t>(), digits.data_ptr<int16_t>(), {}, {}};
+  const uint8_t* position = positions.data_ptr<uint8_t>();
+  for (int64_t p = 0; p < t.patterns; ++p)
+    for (int64_t i = 0; i < n; ++i) t.kept[p] |= 1u << position[p * n + i];
+  for (int byte = 0; byte < 256; ++byte)
+    for (int64_t d = 0; d < t.k; ++d) {
+      const int16_t number = t.digits[byte * t.k + d];
+      if (number >= t.patterns) throw std::invalid_argument("N:M codec: malformed pattern tables");
+      if (number >= 0) t.byte_kept[byte] |= t.kept[number] << (d * m);
+    }
+  return t;
 }
 
 // The grid of a quantized layer: per (row, group of ``width`` columns) float32 scale and zero point.
@@ -277,36 +348,6 @@ Grid grid_of(const at::Tensor& scale, const at::Tensor& zero, int64_t rows, int6
 
 int64_t code_row_bytes(int64_t count, int64_t bits) { return (count * bits + 7) / 8; }
 
-// The grid entry of the columns a row reaches in ascending order, without a division per weight.
-class GridCursor {
- public:
-  GridCursor(const Grid& grid, int64_t row)
-      : scale_(grid.scale + row * grid.groups), zero_(grid.zero + row * grid.groups), width_(grid.width),
-        end_(grid.width) {}
-  // (scale, zero point) of ``column``, which must not be left of the previous call's
-  std::pair<float, float> at(int64_t column) {
-    while (column >= end_) ++scale_, ++zero_, end_ += width_;
-    return {*scale_, *zero_};
-  }
-  // whether ``column`` starts a new grid since the previous call (then ``at`` moves to it)
-  bool moves(int64_t column) const { return column >= end_; }
-
- private:
-  const float* scale_;
-  const float* zero_;
-  int64_t width_, end_;
-};
-
-// The decoded words of every code of one grid, (q - z) * s cast as torch casts: a lookup per
-// weight instead of arithmetic and a rounding (for codes of up to 4 bits: 16 words per group).
-template <int64_t kType>
-struct CodeTable {
-  Bits<kType> words[16];
-  void fill(float s, float z, int levels) {
-    for (int q = 0; q < levels; ++q) words[q] = from_float<kType>((float(q) - z) * s);
-  }
-};
-
 // Appends bit fields to a row of bytes, LSB first, a whole byte at a time.
 class BitWriter {
  public:
@@ -325,48 +366,106 @@ class BitWriter {
   int filled_ = 0;
 };
 
-// One row; kM is M when known at compile time (0: read it from the tables). Table fields are
-// copied to locals: byte stores may alias anything, and would otherwise force reloads.
-template <int64_t kType, int kM, typename T = Bits<kType>>
-int64_t nm_encode_row(const T* row, int64_t columns, const NMTables& t, const Grid& grid, int64_t r,
-                      uint8_t* pattern_row, uint8_t* mask_row, T* value_row, uint8_t* code_row) {
-  constexpr T magnitude = T(~(T(1) << (8 * sizeof(T) - 1)));
-  const int m = kM ? kM : int(t.m), n = int(t.n), k = int(t.k), base = int(t.patterns), code_bits = int(grid.bits);
-  const int16_t* const numbers = t.numbers;
-  const uint8_t* const positions = t.positions;
-  const bool quantized = grid.on();
-  const float top = float((1 << code_bits) - 1);
-  GridCursor cursor(grid, r);
-  BitWriter mask(mask_row), codes(code_row);
-  unsigned pattern_byte = 0, weight = 1;
-  int digit = 0;
-  for (int64_t c0 = 0; c0 < columns; c0 += m) {
-    uint32_t group_mask = 0;
-    for (int j = 0; j < m; ++j) group_mask |= uint32_t((row[c0 + j] & magnitude) != 0) << j;
-    const int number = numbers[group_mask];
-    if (number < 0) return 1;
-    pattern_byte += unsigned(number) * weight;
-    if (++digit == k) *pattern_row++ = uint8_t(pattern_byte), pattern_byte = 0, digit = 0, weight = 1;
-    else weight *= unsigned(base);
-    uint32_t stored_mask = 0;
-    for (int i = 0; i < n; ++i) {
-      const int position = positions[number * n + i];
-      stored_mask |= 1u << position;
-      const T word = (row[c0 + position] & magnitude) ? row[c0 + position] : T(0);  // -0.0 is stored as +0.0
-      if (!quantized) {
-        *value_row++ = word;
-        continue;
-      }
-      const auto [s, z] = cursor.at(c0 + position);
-      const float code = std::min(std::max(round_even(to_float<kType>(word) / s) + z, 0.0f), top);
-      if (std::isnan(code) || from_float<kType>((code - z) * s) != word) return 2;
-      codes.put(uint32_t(code), code_bits);
-    }
-    mask.put(stored_mask, m);
+// ``count`` (<= 32) bits of a mask from ``column`` on; masks are read 8 bytes at a time, so the
+// row buffers they live in have 8 spare bytes.
+uint32_t mask_bits(const uint8_t* mask, int64_t column, int count) {
+  uint64_t word;
+  std::memcpy(&word, mask + column / 8, 8);
+  return uint32_t((word >> (column % 8)) & ((uint64_t(1) << count) - 1));
+}
+
+int64_t set_bits_between(const uint8_t* mask, int64_t from, int64_t to) {
+  int64_t count = 0;
+  for (int64_t c = from; c < to; c += 32) count += __builtin_popcount(mask_bits(mask, c, int(std::min<int64_t>(32, to - c))));
+  return count;
+}
+
+// Per-row scratch of one thread: the non-zero and stored-position masks (with the spare bytes
+// mask_bits reads), the stored values as words, their codes.
+struct RowScratch {
+  std::vector<uint8_t> nonzero, stored, words, codes;
+  RowScratch(int64_t columns, int64_t per_row, int bytes)
+      : nonzero(row_bytes(columns) + 8), stored(row_bytes(columns) + 8), words(per_row * bytes), codes(per_row) {}
+};
+
+// Stage: quantize (or dequantize) a row's stored values grid group by grid group; a grid group's
+// values are the stored positions among its columns: N per M columns when M divides its width,
+// else counted on the stored-position mask.
+template <typename F>
+bool for_each_grid_group(const Grid& grid, int64_t r, int64_t columns, const NMTables& t, const uint8_t* stored_mask,
+                         F&& f) {
+  for (int64_t g = 0, first = 0; g < grid.groups; ++g) {
+    const int64_t from = g * grid.width, to = std::min(columns, (g + 1) * grid.width);
+    const int64_t count = grid.width % t.m ? set_bits_between(stored_mask, from, to) : (to - from) / t.m * t.n;
+    if (!f(first, count, grid.scale[r * grid.groups + g], grid.zero[r * grid.groups + g])) return false;
+    first += count;
   }
-  if (digit) *pattern_row = uint8_t(pattern_byte);
-  mask.flush();
-  codes.flush();
+  return true;
+}
+
+// One row: 0 ok, 1 a group keeps more than N weights, 2 a kept weight is not on its grid.
+int64_t nm_encode_row(const char* row, int64_t columns, int bytes, int64_t value_type, const NMTables& t,
+                      const Grid& grid, int64_t r, bool avx512, RowScratch& scratch, uint8_t* pattern_row,
+                      uint8_t* mask_row, char* value_row) {
+  const int m = int(t.m), k = int(t.k), base = int(t.patterns);
+  const int64_t per_row = columns / m * t.n;
+  uint8_t* nonzero = scratch.nonzero.data();
+  uint8_t* stored_mask = scratch.stored.data();
+  bool fits24 = true;
+  if (avx512) codec_scan_row_avx512(row, columns, bytes, nonzero, &fits24);
+  else if (bytes == 2) scan_row(reinterpret_cast<const int16_t*>(row), columns, nonzero, &fits24);
+  else scan_row(reinterpret_cast<const int32_t*>(row), columns, nonzero, &fits24);
+
+  // a pattern byte (k groups) at a time: its groups' non-zero bits in one read
+  BitWriter stored(stored_mask);
+  const uint32_t group_bits = (1u << m) - 1;
+  const int64_t groups = columns / m;
+  for (int64_t g0 = 0; g0 < groups; g0 += k) {
+    const int in_byte = int(std::min<int64_t>(k, groups - g0));
+    const uint32_t bits = mask_bits(nonzero, g0 * m, in_byte * m);
+    int number_or = 0;
+    unsigned pattern_byte = 0;
+    uint32_t kept = 0;
+    for (int d = in_byte - 1; d >= 0; --d) {
+      const int number = t.numbers[(bits >> (d * m)) & group_bits];
+      number_or |= number;
+      pattern_byte = pattern_byte * unsigned(base) + unsigned(number);
+      kept |= t.kept[number & 0xff] << (d * m);
+    }
+    if (number_or < 0) return 1;
+    *pattern_row++ = uint8_t(pattern_byte);
+    stored.put(kept, in_byte * m);
+  }
+  stored.flush();
+  std::memcpy(mask_row, stored_mask, row_bytes(columns));
+
+  // stored values: kept weights, and the positions that topped a group up (+-0.0, stored as +0.0)
+  char* words = grid.on() ? reinterpret_cast<char*>(scratch.words.data()) : value_row;
+  if (avx512) {
+    codec_gather_row_avx512(row, stored_mask, columns, bytes, words);
+    codec_clear_signed_zeros_avx512(words, per_row, bytes);
+  } else if (bytes == 2) {
+    gather_row(reinterpret_cast<const int16_t*>(row), stored_mask, columns, reinterpret_cast<int16_t*>(words));
+    clear_signed_zeros(reinterpret_cast<int16_t*>(words), per_row);
+  } else {
+    gather_row(reinterpret_cast<const int32_t*>(row), stored_mask, columns, reinterpret_cast<int32_t*>(words));
+    clear_signed_zeros(reinterpret_cast<int32_t*>(words), per_row);
+  }
+  if (!grid.on()) return 0;
+
+  const int levels = 1 << grid.bits;
+  uint8_t* codes = scratch.codes.data();
+  const bool on_grid = for_each_grid_group(grid, r, columns, t, stored_mask, [&](int64_t first, int64_t count, float s,
+                                                                           float z) {
+    if (avx512) return codec_quantize_avx512(words + first * bytes, count, int(value_type), s, z, levels, codes + first);
+    return with_value_type(value_type, [&](auto type) {
+      using T = Bits<decltype(type)::value>;
+      return quantize_words<decltype(type)::value>(reinterpret_cast<const T*>(words) + first, count, s, z, levels,
+                                                   codes + first);
+    });
+  });
+  if (!on_grid) return 2;
+  pack_codes(codes, per_row, int(grid.bits), reinterpret_cast<uint8_t*>(value_row));
   return 0;
 }
 
@@ -376,7 +475,7 @@ int64_t nm_encode_row(const T* row, int64_t columns, const NMTables& t, const Gr
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
     const at::Tensor& bits, int64_t value_type, int64_t n, int64_t m, const at::Tensor& numbers,
     const at::Tensor& positions, const at::Tensor& digits, const at::Tensor& scale, const at::Tensor& zero,
-    int64_t code_bits, int64_t group_width) {
+    int64_t code_bits, int64_t group_width, bool avx512) {
   const int bytes = value_bytes(bits, "nm_encode");
   const NMTables t = nm_tables(n, m, numbers, positions, digits);
   if (bits.dim() != 2 || bits.size(1) % m) throw std::invalid_argument("nm_encode: a matrix whose width M divides");
@@ -396,68 +495,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
   const int64_t value_row = grid.on() ? values.size(1) : per_row * bytes;
   std::atomic<int64_t> status{0};
   at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
+    RowScratch scratch(columns, per_row, bytes);
     for (int64_t r = begin; r < end && status.load(std::memory_order_relaxed) == 0; ++r) {
-      uint8_t* code_row = grid.on() ? reinterpret_cast<uint8_t*>(value_data + r * value_row) : nullptr;
-      const int64_t found = with_row_kernel(value_type, m, [&](auto type, auto kM) {
-        using T = Bits<decltype(type)::value>;
-        return nm_encode_row<decltype(type)::value, decltype(kM)::value>(
-            reinterpret_cast<const T*>(data) + r * columns, columns, t, grid, r, pattern_data + r * pattern_bytes,
-            mask_data + r * row_bytes(columns), reinterpret_cast<T*>(value_data + r * value_row), code_row);
-      });
+      const int64_t found = nm_encode_row(data + r * columns * bytes, columns, bytes, value_type, t, grid, r, avx512,
+                                          scratch, pattern_data + r * pattern_bytes, mask_data + r * row_bytes(columns),
+                                          value_data + r * value_row);
       if (found) status.store(found);
     }
   });
   return {patterns, mask, values, status.load()};
 }
 
-// One row, each group of M built in registers and stored whole (no clearing pass, no scattered
-// stores); kM is M when known at compile time (0: read it from the tables).
-template <int64_t kType, int kM, typename T = Bits<kType>>
-bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t groups, const NMTables& t,
-                   const Grid& grid, int64_t r, const T* value_row, const uint8_t* code_row, T* row) {
-  const int m = kM ? kM : int(t.m), n = int(t.n), k = int(t.k), code_bits = int(grid.bits);
-  const int16_t* const digits = t.digits;
-  const uint8_t* const positions = t.positions;
-  const bool quantized = grid.on();
-  const uint32_t code_mask = (1u << code_bits) - 1;
-  GridCursor cursor(grid, r);
-  uint64_t pending = 0;  // code bits read ahead, LSB first
-  int filled = 0;
-  CodeTable<kType> table;
-  if (quantized && code_bits <= 4 && grid.groups > 0) {
-    const auto [s, z] = cursor.at(0);
-    table.fill(s, z, 1 << code_bits);
+// One row into ``out``; false when a pattern byte is not one the encoder makes or the padding
+// digits past the last group are not zero.
+bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t columns, int bytes, int64_t value_type,
+                   const NMTables& t, const Grid& grid, int64_t r, bool avx512, RowScratch& scratch,
+                   const char* value_row, char* out) {
+  const int64_t groups = columns / t.m, per_row = groups * t.n;
+  uint8_t* stored_mask = scratch.stored.data();
+  BitWriter stored(stored_mask);
+  const int64_t whole = groups / t.k;  // bytes whose k digits all number groups
+  bool valid = true;
+  for (int64_t b = 0; b < whole; ++b) {
+    valid &= t.digits[int64_t(pattern_row[b]) * t.k] >= 0;
+    stored.put(t.byte_kept[pattern_row[b]], int(t.k * t.m));
   }
-  for (int64_t b = 0, g = 0; b < pattern_bytes; ++b) {
-    const int16_t* held = digits + int64_t(pattern_row[b]) * k;
-    for (int d = 0; d < k; ++d, ++g) {
-      if (held[d] < 0 || (g >= groups && held[d] != 0)) return false;
-      if (g >= groups) continue;
-      const uint8_t* kept = positions + held[d] * n;
-      T group[16] = {};
-      for (int i = 0; i < n; ++i) {
-        if (!quantized) {
-          group[kept[i]] = *value_row++;
-          continue;
-        }
-        if (filled < code_bits) pending |= uint64_t(*code_row++) << filled, filled += 8;
-        const uint32_t code = uint32_t(pending) & code_mask;
-        pending >>= code_bits, filled -= code_bits;
-        const int64_t column = g * m + kept[i];
-        if (code_bits > 4) {
-          const auto [s, z] = cursor.at(column);
-          group[kept[i]] = from_float<kType>((float(code) - z) * s);
-          continue;
-        }
-        if (cursor.moves(column)) {
-          const auto [s, z] = cursor.at(column);
-          table.fill(s, z, 1 << code_bits);
-        }
-        group[kept[i]] = table.words[code];
-      }
-      std::memcpy(row + g * m, group, m * sizeof(T));
-    }
+  if (whole < pattern_bytes) {  // the last byte: digits past the last group must be 0
+    const int16_t* held = t.digits + int64_t(pattern_row[whole]) * t.k;
+    const int64_t in_row = groups - whole * t.k;
+    valid &= held[0] >= 0;
+    for (int64_t d = in_row; d < t.k; ++d) valid &= held[d] == 0;
+    stored.put(t.byte_kept[pattern_row[whole]] & uint32_t((uint64_t(1) << (in_row * t.m)) - 1), int(in_row * t.m));
   }
+  if (!valid) return false;
+  stored.flush();
+
+  const char* words = value_row;
+  if (grid.on()) {
+    uint8_t* codes = scratch.codes.data();
+    char* decoded = reinterpret_cast<char*>(scratch.words.data());
+    unpack_codes(reinterpret_cast<const uint8_t*>(value_row), per_row, int(grid.bits), codes);
+    for_each_grid_group(grid, r, columns, t, stored_mask, [&](int64_t first, int64_t count, float s, float z) {
+      if (avx512) codec_dequantize_avx512(codes + first, count, int(value_type), s, z, decoded + first * bytes);
+      else with_value_type(value_type, [&](auto type) {
+        using T = Bits<decltype(type)::value>;
+        dequantize_codes<decltype(type)::value>(codes + first, count, s, z, reinterpret_cast<T*>(decoded) + first);
+      });
+      return true;
+    });
+    words = decoded;
+  }
+  if (avx512) codec_scatter_row_avx512(words, stored_mask, columns, bytes, out);
+  else if (bytes == 2) scatter_row(reinterpret_cast<const int16_t*>(words), stored_mask, columns, reinterpret_cast<int16_t*>(out));
+  else scatter_row(reinterpret_cast<const int32_t*>(words), stored_mask, columns, reinterpret_cast<int32_t*>(out));
   return true;
 }
 
@@ -467,7 +557,7 @@ bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t gr
 bool nm_decode(const at::Tensor& patterns, const at::Tensor& values, int64_t value_type, int64_t n, int64_t m,
                const at::Tensor& numbers, const at::Tensor& positions, const at::Tensor& digits,
                const at::Tensor& scale, const at::Tensor& zero, int64_t code_bits, int64_t group_width,
-               at::Tensor& out) {
+               at::Tensor& out, bool avx512) {
   const int bytes = value_bytes(out, "nm_decode");
   const NMTables t = nm_tables(n, m, numbers, positions, digits);
   if (out.dim() != 2 || out.size(1) % m) throw std::invalid_argument("nm_decode: a matrix whose width M divides");
@@ -488,17 +578,11 @@ bool nm_decode(const at::Tensor& patterns, const at::Tensor& values, int64_t val
   const int64_t value_row_bytes = value_row * values.element_size();
   std::atomic<bool> valid{true};
   at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end && valid.load(std::memory_order_relaxed); ++r) {
-      const char* from = value_data + r * value_row_bytes;
-      const uint8_t* code_row = grid.on() ? reinterpret_cast<const uint8_t*>(from) : nullptr;
-      const bool ok = with_row_kernel(value_type, m, [&](auto type, auto kM) {
-        using T = Bits<decltype(type)::value>;
-        return nm_decode_row<decltype(type)::value, decltype(kM)::value>(
-            pattern_data + r * pattern_bytes, pattern_bytes, groups, t, grid, r, reinterpret_cast<const T*>(from),
-            code_row, reinterpret_cast<T*>(data) + r * columns);
-      });
-      if (!ok) valid.store(false);
-    }
+    RowScratch scratch(columns, per_row, bytes);
+    for (int64_t r = begin; r < end && valid.load(std::memory_order_relaxed); ++r)
+      if (!nm_decode_row(pattern_data + r * pattern_bytes, pattern_bytes, columns, bytes, value_type, t, grid, r,
+                         avx512, scratch, value_data + r * value_row_bytes, data + r * columns * bytes))
+        valid.store(false);
   });
   return valid.load();
 }

@@ -82,5 +82,11 @@ int64_t codec_scan_row_avx512(const void* row, int64_t columns, int bytes, uint8
 void codec_gather_row_avx512(const void* row, const uint8_t* mask, int64_t columns, int bytes, void* values);
 void codec_scatter_row_avx512(const void* values, const uint8_t* mask, int64_t columns, int bytes, void* row);
 int64_t codec_count_row_avx512(const uint8_t* mask, int64_t columns);  // set bits of one row's mask
+// The N:M codec's per-weight stages (codec.cpp); value_type 0 float32, 1 bfloat16, 2 float16.
+void codec_clear_signed_zeros_avx512(void* values, int64_t count, int bytes);
+bool codec_quantize_avx512(const void* words, int64_t count, int value_type, float scale, float zero, int levels,
+                           uint8_t* codes);
+void codec_dequantize_avx512(const uint8_t* codes, int64_t count, int value_type, float scale, float zero,
+                             void* words);
 
 }  // namespace sparsellm
