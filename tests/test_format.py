@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import zlib
 from unittest.mock import patch
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.format import bits, codec, layout
+from sparsellm.format import bits, codec, layout, nm
 from sparsellm.format.layout import BITMASK, BITMASK_24, DENSE, NM, encode, layout_bytes
 from sparsellm.kernels.backend import cpu_isas, extension
 from sparsellm.weights.masks import Pattern, nm_mask
@@ -285,3 +286,34 @@ def test_compiled_nm_codec_equals_numpy(rows, groups, nm, seed, dtype, quantizat
                 compiled.tensors["patterns"][-1, -1] = 255  # not a base-C(M, N) number, or non-zero padding digits
                 with pytest.raises(SparseLLMError, match="patterns"):
                     compiled.unpack()
+
+
+@pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 700), st.integers(0, 15), st.integers(0, 2**32 - 1), st.integers(0, 2**16))
+def test_compiled_crc32_equals_zlib(length, offset, start, seed):
+    """The folded CRC-32 (blocks of 64 bytes, 16-byte tails, byte tails) is zlib's, at any alignment."""
+    data = torch.randint(0, 256, (offset + length,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    view = data[offset:]
+    assert extension().crc32(view, start) == zlib.crc32(view.numpy().tobytes(), start)
+
+
+@pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(0, 2**16), st.booleans())
+def test_compiled_24_bitmask_check_equals_numpy(rows, groups, seed, flip):
+    """The compiled 2-of-4 check accepts and refuses the same masks as numpy (odd group counts too)."""
+    keep = nm_mask(torch.rand(rows, groups * 4, generator=torch.Generator().manual_seed(seed)), 2, 4)
+    if flip:
+        keep.view(-1)[seed % keep.numel()] ^= True
+    packed = bits.pack_mask(keep)
+    outcomes = []
+    for module in (extension(), None):
+        with patch("sparsellm.kernels.backend.extension", return_value=module):
+            try:
+                nm.check_24_bitmask(packed, groups * 4, "m")
+                outcomes.append("ok")
+            except SparseLLMError as error:
+                outcomes.append(str(error))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0] == "ok") != flip

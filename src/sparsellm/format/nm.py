@@ -66,9 +66,15 @@ _TWO_AND_TWO = np.array([bin(b & 15).count("1") == 2 and bin(b >> 4).count("1") 
 
 def check_24_bitmask(packed: torch.Tensor, columns: int, name: str) -> None:
     """A packed (rows, ceil(columns / 8)) mask sets exactly 2 of every 4 bits (padding bits: the caller's)."""
-    whole = packed.numpy()[:, : columns // 8]
-    ok = columns % 4 == 0 and bool(_TWO_AND_TWO[whole].all())
-    if ok and columns % 8:  # the last byte holds one group, then padding
-        ok = bool(_TWO_AND_TWO[packed.numpy()[:, -1] | 0b0011_0000].all())
+    from ..kernels.backend import extension
+
+    module = extension()
+    if module is not None:
+        ok = module.bitmask_two_of_four(packed.contiguous(), columns)
+    else:
+        whole = packed.numpy()[:, : columns // 8]
+        ok = columns % 4 == 0 and bool(_TWO_AND_TWO[whole].all())
+        if ok and columns % 8:  # the last byte holds one group, then padding
+            ok = bool(_TWO_AND_TWO[packed.numpy()[:, -1] | 0b0011_0000].all())
     if not ok:
         raise SparseLLMError(f"{name}.bitmask: not exactly 2 of every 4 bits set, as sparse-24-bitmask requires")

@@ -276,6 +276,7 @@ at::Tensor decode(const Handle& h, int64_t panel_index, int64_t row_begin, int64
 }  // namespace
 
 void bind_codec(pybind11::module& m);  // codec.cpp
+void bind_crc32(pybind11::module& m);  // crc32.cpp
 
 }  // namespace sparsellm
 
@@ -287,4 +288,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &sparsellm::linear, "y = s(x) W^T + bias through the sparse kernel or the dense path");
   m.def("decode", &sparsellm::decode, "rows of one panel as a dense fp32 matrix");
   sparsellm::bind_codec(m);
+  sparsellm::bind_crc32(m);
 }

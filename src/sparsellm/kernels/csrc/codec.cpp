@@ -183,6 +183,34 @@ bool bitmask_scatter(const at::Tensor& values, const at::Tensor& mask, const at:
   return consistent.load();
 }
 
+// Whether every group of 4 columns of a (rows, ceil(columns / 8)) bitmask has exactly 2 bits set,
+// as sparse-24-bitmask requires (columns a multiple of 4; padding bits are the caller's to check).
+bool bitmask_two_of_four(const at::Tensor& mask, int64_t columns) {
+  if (mask.dim() != 2 || !mask.is_contiguous() || mask.scalar_type() != at::kByte || mask.size(1) != row_bytes(columns))
+    throw std::invalid_argument("bitmask_two_of_four: a contiguous (rows, ceil(columns / 8)) uint8 tensor");
+  if (columns % 4) return false;
+  const int64_t rows = mask.size(0), bytes = row_bytes(columns);
+  const uint8_t* data = mask.data_ptr<uint8_t>();
+  std::atomic<bool> all{true};
+  at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    for (int64_t r = begin; r < end && ok; ++r)
+      for (int64_t b = 0; b < bytes; b += 8) {
+        const int64_t taken = std::min<int64_t>(8, bytes - b);
+        uint64_t bits = 0x3333333333333333ULL;  // groups past the row's end count as valid
+        std::memcpy(&bits, data + r * bytes + b, taken);
+        if (columns - 8 * b < 64) {  // the row's last groups: keep the real ones, pad with valid ones
+          const uint64_t real = (uint64_t(1) << (columns - 8 * b)) - 1;
+          bits = (bits & real) | (0x3333333333333333ULL & ~real);
+        }
+        const uint64_t pairs = (bits & 0x5555555555555555ULL) + ((bits >> 1) & 0x5555555555555555ULL);
+        ok = ok && (pairs & 0x3333333333333333ULL) + ((pairs >> 2) & 0x3333333333333333ULL) == 0x2222222222222222ULL;
+      }
+    if (!ok) all.store(false, std::memory_order_relaxed);
+  });
+  return all.load();
+}
+
 // -- N:M layout (format/nm.py; sparse-nm and sparse-24-bitmask) ----------------------------------
 // Each group of M columns keeps N positions: one of P patterns, numbered as bits.pattern_table
 // does; k pattern numbers share a byte as base-P digits, least significant first. The tables come
@@ -348,16 +376,22 @@ Grid grid_of(const at::Tensor& scale, const at::Tensor& zero, int64_t rows, int6
 
 int64_t code_row_bytes(int64_t count, int64_t bits) { return (count * bits + 7) / 8; }
 
-// Appends bit fields to a row of bytes, LSB first, a whole byte at a time.
+// Appends bit fields to a row of bytes, LSB first, 4 bytes at a time (the row's buffer has 4
+// spare bytes past its last whole byte).
 class BitWriter {
  public:
   explicit BitWriter(uint8_t* out) : out_(out) {}
   void put(uint32_t value, int bits) {  // value < 2^bits, bits <= 32
     pending_ |= uint64_t(value) << filled_;
-    for (filled_ += bits; filled_ >= 8; filled_ -= 8) *out_++ = uint8_t(pending_), pending_ >>= 8;
+    filled_ += bits;
+    if (filled_ >= 32) {
+      std::memcpy(out_, &pending_, 4);
+      out_ += 4, pending_ >>= 32, filled_ -= 32;
+    }
   }
   void flush() {
-    if (filled_) *out_++ = uint8_t(pending_), pending_ = 0, filled_ = 0;
+    for (; filled_ > 0; filled_ -= 8) *out_++ = uint8_t(pending_), pending_ >>= 8;
+    filled_ = 0;
   }
 
  private:
@@ -595,6 +629,7 @@ void bind_codec(pybind11::module& m) {
   m.def("bitmask_scan", &bitmask_scan, "(bitmask, non-zeros per row, fits 2:4) of a matrix of float bits");
   m.def("bitmask_gather", &bitmask_gather, "the values at a bitmask's set bits, row-major");
   m.def("bitmask_scatter", &bitmask_scatter, "a bitmask and its values written into a dense matrix");
+  m.def("bitmask_two_of_four", &bitmask_two_of_four, "whether a bitmask sets exactly 2 of every 4 columns");
 }
 
 }  // namespace sparsellm
