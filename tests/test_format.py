@@ -317,3 +317,16 @@ def test_compiled_24_bitmask_check_equals_numpy(rows, groups, seed, flip):
                 outcomes.append(str(error))
     assert outcomes[0] == outcomes[1]
     assert (outcomes[0] == "ok") != flip
+
+
+@pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
+@pytest.mark.parametrize("length", [(4 << 20) - 1, 4 << 20, (9 << 20) + 13])
+def test_compiled_crc32_of_large_buffers_combines_chunks(length):
+    """Buffers of more than one 4 MiB chunk are checksummed in parallel and combined into zlib's CRC."""
+    data = torch.randint(0, 256, (length,), dtype=torch.uint8, generator=torch.Generator().manual_seed(length))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert extension().crc32(data, 0x1234) == zlib.crc32(data.numpy().tobytes(), 0x1234)
+    finally:
+        torch.set_num_threads(threads)
