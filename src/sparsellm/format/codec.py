@@ -145,8 +145,9 @@ def scatter(values: torch.Tensor, bitmask: torch.Tensor, offsets: torch.Tensor, 
 
 
 @functools.cache
-def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """codec.cpp's lookup tables for N:M: pattern of each group mask, kept positions, digits of each byte."""
+def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codec.cpp's lookup tables for N:M: pattern of each group mask, kept positions, digits of each
+    byte, and where a byte's k groups span at most 12 bits, the whole encoding of each of their masks."""
     table, numbers, filled = pattern_table(n, m)
     topped = np.where(filled >= 0, numbers[np.maximum(filled, 0)], -1)
     positions = np.stack([np.flatnonzero(row) for row in table]).astype(np.uint8)
@@ -154,8 +155,17 @@ def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     byte = np.arange(256)
     digits = (byte[:, None] // base ** np.arange(per_byte)) % base
     digits[byte >= base**per_byte] = -1
+    by_bits = np.zeros(0, dtype=np.uint32)
+    if per_byte * m <= 12:  # bits 0-7 the pattern byte, 8-19 the kept positions, 31 more than N kept
+        shifts = m * np.arange(per_byte)
+        masks = np.arange(2 ** (per_byte * m))
+        group_numbers = topped[(masks[:, None] >> shifts) & (2**m - 1)]
+        known = np.maximum(group_numbers, 0)
+        kept = (table[known] * (1 << np.arange(m))).sum(-1)
+        by_bits = ((known * base ** np.arange(per_byte)).sum(1) | ((kept << shifts).sum(1) << 8)
+                   | ((group_numbers < 0).any(1).astype(np.int64) << 31)).astype(np.uint32)
     return (torch.from_numpy(topped.astype(np.int16)), torch.from_numpy(positions),
-            torch.from_numpy(digits.astype(np.int16)))
+            torch.from_numpy(digits.astype(np.int16)), torch.from_numpy(by_bits.view(np.int32)))
 
 
 def _nm_native(matrix_dtype: torch.dtype, pattern: Pattern, impl: str | None):

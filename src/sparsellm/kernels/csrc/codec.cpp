@@ -216,8 +216,10 @@ bool bitmask_two_of_four(const at::Tensor& mask, int64_t columns) {
 // does; k pattern numbers share a byte as base-P digits, least significant first. The tables come
 // from Python: ``numbers`` (2^M int16: the pattern of each group mask topped up with its first free
 // positions, -1 when more than N are kept), ``positions`` (P, N uint8, ascending), ``digits``
-// (256, k int16: the numbers a byte holds, -1 for a byte no pattern numbers make). Values are
-// stored row by row, N per group; quantized ones as codes of ``code_bits`` packed LSB first per row.
+// (256, k int16: the numbers a byte holds, -1 for a byte no pattern numbers make) and, where a
+// byte's k groups span at most 12 columns (2:4: 3 groups), ``by_bits`` (2^(k M) int32: the pattern
+// byte and kept positions of each non-zero mask of k groups, bit 31 when one keeps more than N;
+// else empty). Values are stored row by row, N per group; quantized ones as codes of ``code_bits`` packed LSB first per row.
 //
 // A row goes through in stages, so that only the pattern bookkeeping is done per group and every
 // per-weight step is a pass the AVX-512 functions (avx512.cpp) run 16 or 32 lanes at a time:
@@ -329,19 +331,24 @@ struct NMTables {
   int64_t n, m, k, patterns;  // k: pattern numbers per byte
   const int16_t* numbers;
   const int16_t* digits;
+  const uint32_t* by_bits;   // per non-zero mask of k groups (k * M <= 12): byte | kept << 8 | invalid << 31; or null
   uint32_t kept[256];        // per pattern number: its kept positions as bits
   uint32_t byte_kept[256];   // per byte: the kept positions of its k groups, k * M <= 32 bits
 };
 
 NMTables nm_tables(int64_t n, int64_t m, const at::Tensor& numbers, const at::Tensor& positions,
-                   const at::Tensor& digits) {
+                   const at::Tensor& digits, const at::Tensor& by_bits) {
   if (m < 1 || m > 16 || n < 1 || n > m) throw std::invalid_argument("N:M codec: needs 1 <= N <= M <= 16");
   if (numbers.scalar_type() != at::kShort || !numbers.is_contiguous() || numbers.numel() != (int64_t(1) << m) ||
       positions.scalar_type() != at::kByte || !positions.is_contiguous() || positions.dim() != 2 ||
       positions.size(1) != n || positions.size(0) > 256 || digits.scalar_type() != at::kShort ||
       !digits.is_contiguous() || digits.dim() != 2 || digits.size(0) != 256 || digits.size(1) * m > 32)
     throw std::invalid_argument("N:M codec: malformed pattern tables");
-  NMTables t{n, m, digits.size(1), positions.size(0), numbers.data_ptr<int16_t>(), digits.data_ptr<int16_t>(), {}, {}};
+  if (by_bits.numel() && (by_bits.scalar_type() != at::kInt || !by_bits.is_contiguous() ||
+                          by_bits.numel() != (int64_t(1) << (digits.size(1) * m))))
+    throw std::invalid_argument("N:M codec: malformed pattern tables");
+  NMTables t{n, m, digits.size(1), positions.size(0), numbers.data_ptr<int16_t>(), digits.data_ptr<int16_t>(),
+             by_bits.numel() ? reinterpret_cast<const uint32_t*>(by_bits.data_ptr<int32_t>()) : nullptr, {}, {}};
   const uint8_t* position = positions.data_ptr<uint8_t>();
   for (int64_t p = 0; p < t.patterns; ++p)
     for (int64_t i = 0; i < n; ++i) t.kept[p] |= 1u << position[p * n + i];
@@ -454,7 +461,14 @@ int64_t nm_encode_row(const char* row, int64_t columns, int bytes, int64_t value
   BitWriter stored(stored_mask);
   const uint32_t group_bits = (1u << m) - 1;
   const int64_t groups = columns / m;
-  for (int64_t g0 = 0; g0 < groups; g0 += k) {
+  const int64_t whole = t.by_bits ? groups / k * k : 0;  // groups encoded a byte at a time by one lookup
+  for (int64_t g0 = 0; g0 < whole; g0 += k) {
+    const uint32_t entry = t.by_bits[mask_bits(nonzero, g0 * m, k * m)];
+    if (entry >> 31) return 1;
+    *pattern_row++ = uint8_t(entry);
+    stored.put((entry >> 8) & 0xfff, k * m);
+  }
+  for (int64_t g0 = whole; g0 < groups; g0 += k) {
     const int in_byte = int(std::min<int64_t>(k, groups - g0));
     const uint32_t bits = mask_bits(nonzero, g0 * m, in_byte * m);
     int number_or = 0;
@@ -508,10 +522,10 @@ int64_t nm_encode_row(const char* row, int64_t columns, int bytes, int64_t value
 // more than N weights, 2 a kept weight is not on its grid (codes only; the outputs are then void).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
     const at::Tensor& bits, int64_t value_type, int64_t n, int64_t m, const at::Tensor& numbers,
-    const at::Tensor& positions, const at::Tensor& digits, const at::Tensor& scale, const at::Tensor& zero,
-    int64_t code_bits, int64_t group_width, bool avx512) {
+    const at::Tensor& positions, const at::Tensor& digits, const at::Tensor& by_bits, const at::Tensor& scale,
+    const at::Tensor& zero, int64_t code_bits, int64_t group_width, bool avx512) {
   const int bytes = value_bytes(bits, "nm_encode");
-  const NMTables t = nm_tables(n, m, numbers, positions, digits);
+  const NMTables t = nm_tables(n, m, numbers, positions, digits, by_bits);
   if (bits.dim() != 2 || bits.size(1) % m) throw std::invalid_argument("nm_encode: a matrix whose width M divides");
   if (bytes != (value_type == kValueF32 ? 4 : 2)) throw std::invalid_argument("nm_encode: value type and bits differ");
   const int64_t rows = bits.size(0), columns = bits.size(1), groups = columns / m, per_row = groups * n;
@@ -590,10 +604,10 @@ bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t co
 // byte is not one the encoder makes or the padding digits past the last group are not zero.
 bool nm_decode(const at::Tensor& patterns, const at::Tensor& values, int64_t value_type, int64_t n, int64_t m,
                const at::Tensor& numbers, const at::Tensor& positions, const at::Tensor& digits,
-               const at::Tensor& scale, const at::Tensor& zero, int64_t code_bits, int64_t group_width,
-               at::Tensor& out, bool avx512) {
+               const at::Tensor& by_bits, const at::Tensor& scale, const at::Tensor& zero, int64_t code_bits,
+               int64_t group_width, at::Tensor& out, bool avx512) {
   const int bytes = value_bytes(out, "nm_decode");
-  const NMTables t = nm_tables(n, m, numbers, positions, digits);
+  const NMTables t = nm_tables(n, m, numbers, positions, digits, by_bits);
   if (out.dim() != 2 || out.size(1) % m) throw std::invalid_argument("nm_decode: a matrix whose width M divides");
   if (bytes != (value_type == kValueF32 ? 4 : 2)) throw std::invalid_argument("nm_decode: value type and bits differ");
   const int64_t rows = out.size(0), columns = out.size(1), groups = columns / m, per_row = groups * n;
