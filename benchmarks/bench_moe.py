@@ -180,7 +180,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
-    results: dict = {"threads": args.threads, "parts": args.parts}
+    # parts run separately add up in one results.json: a run replaces only the parts it ran
+    saved = args.output / "results.json"
+    results: dict = json.loads(saved.read_text()) if saved.exists() else {}
+    results.update({"threads": args.threads, "parts": sorted(set(results.get("parts", [])) | set(args.parts))})
+    producers = {"layer": {"layer"}, "moefy": {"moefy", "decode"}, "dense_ppl": {"moefy", "decode"},
+                 "decode": {"decode"}, "upcycle": {"upcycle"}}  # the decode part MoEfies the model again
+    for key, parts in producers.items():
+        if parts & set(args.parts):
+            results.pop(key, None)
     if "layer" in args.parts:
         results["layer"] = [bench_layer(576, 1536, 8, 256, args.repeats),
                             bench_layer(2048, 5632, 8, 256, max(10, args.repeats // 5))]

@@ -1,13 +1,16 @@
 """The MoE layer against a slow per-token reference, the auxiliary losses against their formulas."""
 
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sparsellm.activations.moe import MoEConfig, MoELayer, load_balancing_loss, router_z_loss
+from sparsellm.activations.moe.layer import WEIGHTINGS
 from sparsellm.errors import SparseLLMError
+from sparsellm.kernels.backend import extension
 
 HIDDEN, EXPERT_SIZE = 16, 8
 
@@ -195,3 +198,32 @@ def test_only_the_chosen_experts_weights_are_used(tokens):
             layer.experts.down_proj[expert] = float("nan")
         assert torch.equal(layer(x), expected)
     assert layer.experts.gate_up_proj[3].is_contiguous() and layer.experts.down_proj[3].is_contiguous()
+
+
+@pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("top_k", [1, 2, 6])
+@pytest.mark.parametrize("router_bias", [False, True])
+def test_one_token_compiled_path_equals_reference(top_k, weighting, router_bias):
+    """Decoding (one token, inference, float32) routes and runs the experts in one compiled call:
+    the same output as the per-token reference, the same routing as ``route``."""
+    layer = make_layer(num_experts=6, top_k=top_k, weighting=weighting, router_bias=router_bias)
+    with torch.no_grad():
+        layer.router.weight.mul_(0.3)  # softer routing: the weights differ from 1 and from each other
+        if router_bias:
+            layer.router.bias.normal_(0, 1.0)
+    for _ in range(5):
+        x = torch.randn(1, HIDDEN)
+        with torch.no_grad(), patch.object(MoELayer, "route", side_effect=AssertionError("not the compiled path")):
+            output = layer(x)
+        compiled = layer.last_routing
+        with torch.no_grad():
+            routed = layer.route(x)
+        assert torch.equal(compiled.experts, routed.experts) and compiled.kept is None
+        for name in ("logits", "probs", "weights"):
+            torch.testing.assert_close(getattr(compiled, name), getattr(routed, name), rtol=1e-5, atol=1e-6)
+        if not router_bias:  # the reference has no router bias
+            expected, _, _ = reference(layer, x)
+            torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
+        with patch.object(MoELayer, "_fused_token", return_value=None), torch.no_grad():
+            torch.testing.assert_close(output, layer(x), rtol=1e-5, atol=1e-6)

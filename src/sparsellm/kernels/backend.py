@@ -27,7 +27,7 @@ from ..models import cache_dir
 from . import reference
 from .layouts import Layout, Quantization, build
 
-SOURCES = ("bindings.cpp", "avx512.cpp", "avx2.cpp", "codec.cpp", "crc32.cpp")
+SOURCES = ("bindings.cpp", "avx512.cpp", "avx2.cpp", "codec.cpp", "crc32.cpp", "moe.cpp")
 HEADERS = ("kernels.h",)
 ISA_CODES = {"avx2": 2, "avx512": 3}
 BACKENDS = ("avx512", "avx2", "torch")

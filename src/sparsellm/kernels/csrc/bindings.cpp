@@ -277,6 +277,7 @@ at::Tensor decode(const Handle& h, int64_t panel_index, int64_t row_begin, int64
 
 void bind_codec(pybind11::module& m);  // codec.cpp
 void bind_crc32(pybind11::module& m);  // crc32.cpp
+void bind_moe(pybind11::module& m);  // moe.cpp
 
 }  // namespace sparsellm
 
@@ -289,4 +290,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &sparsellm::decode, "rows of one panel as a dense fp32 matrix");
   sparsellm::bind_codec(m);
   sparsellm::bind_crc32(m);
+  sparsellm::bind_moe(m);
 }
