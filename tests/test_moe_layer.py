@@ -62,14 +62,19 @@ def reference(layer: MoELayer, x: torch.Tensor):
     return output, kept, served
 
 
+# the dispatch limit that forces each path: one product per expert, or the padded batch
+DISPATCHES = {"per expert": 0.0, "padded batch": math.inf}
+
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("weighting", ["softmax", "normalized", "ones"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_layer_equals_per_token_reference(top_k, capacity_factor, weighting):
+def test_layer_equals_per_token_reference(top_k, capacity_factor, weighting, dispatch):
     layer = make_layer(num_experts=5, top_k=top_k, capacity_factor=capacity_factor, weighting=weighting)
     x = torch.randn(23, HIDDEN)
     expected, kept, served = reference(layer, x)
-    with torch.no_grad():
+    with torch.no_grad(), patch("sparsellm.activations.moe.layer.PADDED_DISPATCH_LIMIT", DISPATCHES[dispatch]):
         output = layer(x)
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
     routing = layer.last_routing
@@ -157,11 +162,13 @@ def test_z_loss_equals_formula():
     assert router_z_loss(logits).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("weighting", ["softmax", "normalized", "ones"])
-def test_gradients_reach_the_router(weighting):
+def test_gradients_reach_the_router(weighting, dispatch):
     layer = make_layer(num_experts=4, top_k=2, weighting=weighting).train()
     x = torch.randn(32, HIDDEN)
-    output = layer(x)
+    with patch("sparsellm.activations.moe.layer.PADDED_DISPATCH_LIMIT", DISPATCHES[dispatch]):
+        output = layer(x)
     routing = layer.last_routing
     aux = load_balancing_loss(routing.probs, routing.experts) + router_z_loss(routing.logits)
     aux.backward(retain_graph=True)
@@ -227,3 +234,16 @@ def test_one_token_compiled_path_equals_reference(top_k, weighting, router_bias)
             torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
         with patch.object(MoELayer, "_fused_token", return_value=None), torch.no_grad():
             torch.testing.assert_close(output, layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_paths_give_the_same_gradients():
+    """Training through the padded batch or one product per expert: the same gradients everywhere."""
+    gradients = []
+    for limit in DISPATCHES.values():
+        layer = make_layer(num_experts=4, top_k=2, capacity_factor=1.0, weighting="softmax").train()
+        x = torch.randn(32, HIDDEN, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with patch("sparsellm.activations.moe.layer.PADDED_DISPATCH_LIMIT", limit):
+            layer(x).square().sum().backward()
+        gradients.append([x.grad, *(p.grad for p in layer.parameters())])
+    for per_expert, padded in zip(*gradients, strict=True):
+        torch.testing.assert_close(padded, per_expert, rtol=1e-5, atol=1e-6)
