@@ -16,8 +16,9 @@ second choices, and so on, each in token order (batch-major), so a token loses i
 experts first. A dropped assignment adds nothing: the decoder block's residual carries the token
 on. Without a capacity factor the layer is dropless.
 
-Dispatch sorts the assignments by expert, so each expert reads one contiguous run of the gathered
-tokens and runs one matrix product per projection. Expert weights are stacked as (E, 2F, H) and
+Dispatch sorts the assignments by expert; the experts then run as one padded batch (two batched
+products) when the routing is balanced enough, else one after the other on their contiguous runs of
+the gathered tokens. One decoding token goes through a compiled kernel instead (``_fused_token``). Expert weights are stacked as (E, 2F, H) and
 (E, H, F) (the layout transformers uses for Mixtral), so choosing an expert is a contiguous slice:
 a decoding token reads only its k experts' weights.
 """
