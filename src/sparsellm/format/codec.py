@@ -183,10 +183,11 @@ def _grid_arguments(grid: QuantGrid | None, columns: int) -> tuple[torch.Tensor,
             grid.scheme.group_columns(columns))
 
 
-def nm_encode(matrix: torch.Tensor, pattern: Pattern, grid: QuantGrid | None = None, name: str = "layer",
-              impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def nm_encode(matrix: torch.Tensor, found: Scan, pattern: Pattern, grid: QuantGrid | None = None,
+              name: str = "layer", impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(pattern bytes, bitmask of the stored positions, values) of a matrix that follows ``pattern``
-    (at most N non-zeros per group), compiled; None where only numpy can (``format/nm.py``).
+    (at most N non-zeros per group), from its ``scan``, compiled; None where only numpy can
+    (``format/nm.py``).
 
     Values are the stored floats (rows, columns * N / M), or with a ``grid`` the codes packed per
     row; a weight off its grid raises.
@@ -196,7 +197,7 @@ def nm_encode(matrix: torch.Tensor, pattern: Pattern, grid: QuantGrid | None = N
         return None
     module, avx512 = native
     patterns, bitmask, values, status = module.nm_encode(
-        _bits(matrix), _VALUE_TYPES[matrix.dtype], pattern.n, pattern.m, *_nm_tables(pattern.n, pattern.m),
+        _bits(matrix), found.bitmask.contiguous(), _VALUE_TYPES[matrix.dtype], pattern.n, pattern.m, *_nm_tables(pattern.n, pattern.m),
         *_grid_arguments(grid, matrix.shape[1]), avx512)
     if status == 1:
         raise SparseLLMError(f"{name}: keeps more than {pattern.n} of {pattern.m} weights somewhere")

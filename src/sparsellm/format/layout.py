@@ -279,7 +279,7 @@ def encode(name: str, matrix: torch.Tensor, grid: QuantGrid | None = None, patte
     fitting = [pattern for pattern in patterns if (found.fits_24 if pattern == TWO_FOUR else nm.fits(keep, pattern))]
     layout, pattern, stored = smallest_layout((rows, columns), found.nonzeros, fitting, dtype, scheme)
 
-    native = codec.nm_encode(matrix, pattern, grid, name) if layout in (NM, BITMASK_24) else None
+    native = codec.nm_encode(matrix, found, pattern, grid, name) if layout in (NM, BITMASK_24) else None
     if native is not None:
         pattern_bytes, position_mask, values = native
         tensors = {"bitmask": position_mask, "compressed": values} if layout == BITMASK_24 else \

@@ -438,9 +438,7 @@ struct Lanes<4> {
 
 // Whether every 4-bit group of `bits` has at most 2 bits set (per-nibble popcounts, then + 1 <= 3).
 inline bool nibbles_at_most_two(uint64_t bits) {
-  const uint64_t pairs = (bits & 0x5555555555555555ULL) + ((bits >> 1) & 0x5555555555555555ULL);
-  const uint64_t nibbles = (pairs & 0x3333333333333333ULL) + ((pairs >> 2) & 0x3333333333333333ULL);
-  return ((nibbles + 0x1111111111111111ULL) & 0xccccccccccccccccULL) == 0;
+  return ((nibble_popcounts(bits) + 0x1111111111111111ULL) & 0xccccccccccccccccULL) == 0;
 }
 
 inline uint64_t load_mask(const uint8_t* mask, int64_t n) {

@@ -73,6 +73,32 @@ void clear_signed_zeros(T* values, int64_t count) {
 
 int64_t row_bytes(int64_t columns) { return (columns + 7) / 8; }
 
+// The row operations with their implementation picked once here: AVX-512, or the portable loops
+// above for 2- or 4-byte values.
+int64_t scan_row_with(bool avx512, const char* row, int64_t columns, int bytes, uint8_t* mask, bool* fits24) {
+  if (avx512) return codec_scan_row_avx512(row, columns, bytes, mask, fits24);
+  return bytes == 2 ? scan_row(reinterpret_cast<const int16_t*>(row), columns, mask, fits24)
+                    : scan_row(reinterpret_cast<const int32_t*>(row), columns, mask, fits24);
+}
+
+void gather_row_with(bool avx512, const char* row, const uint8_t* mask, int64_t columns, int bytes, char* out) {
+  if (avx512) codec_gather_row_avx512(row, mask, columns, bytes, out);
+  else if (bytes == 2) gather_row(reinterpret_cast<const int16_t*>(row), mask, columns, reinterpret_cast<int16_t*>(out));
+  else gather_row(reinterpret_cast<const int32_t*>(row), mask, columns, reinterpret_cast<int32_t*>(out));
+}
+
+void scatter_row_with(bool avx512, const char* in, const uint8_t* mask, int64_t columns, int bytes, char* row) {
+  if (avx512) codec_scatter_row_avx512(in, mask, columns, bytes, row);
+  else if (bytes == 2) scatter_row(reinterpret_cast<const int16_t*>(in), mask, columns, reinterpret_cast<int16_t*>(row));
+  else scatter_row(reinterpret_cast<const int32_t*>(in), mask, columns, reinterpret_cast<int32_t*>(row));
+}
+
+void clear_signed_zeros_with(bool avx512, char* values, int64_t count, int bytes) {
+  if (avx512) codec_clear_signed_zeros_avx512(values, count, bytes);
+  else if (bytes == 2) clear_signed_zeros(reinterpret_cast<int16_t*>(values), count);
+  else clear_signed_zeros(reinterpret_cast<int32_t*>(values), count);
+}
+
 int64_t count_row(const uint8_t* mask, int64_t columns) {
   int64_t count = 0;
   for (int64_t byte = 0; byte < row_bytes(columns); ++byte) count += __builtin_popcount(mask[byte]);
@@ -111,9 +137,7 @@ std::tuple<at::Tensor, at::Tensor, bool> bitmask_scan(const at::Tensor& bits, bo
     for (int64_t r = begin; r < end; ++r) {
       const char* row = data + r * columns * bytes;
       uint8_t* out = masks + r * row_bytes(columns);
-      count[r] = avx512 ? codec_scan_row_avx512(row, columns, bytes, out, &fits)
-                 : bytes == 2 ? scan_row(reinterpret_cast<const int16_t*>(row), columns, out, &fits)
-                              : scan_row(reinterpret_cast<const int32_t*>(row), columns, out, &fits);
+      count[r] = scan_row_with(avx512, row, columns, bytes, out, &fits);
     }
     if (!fits) fits24.store(false, std::memory_order_relaxed);
   });
@@ -136,10 +160,7 @@ at::Tensor bitmask_gather(const at::Tensor& bits, const at::Tensor& mask, const 
     for (int64_t r = begin; r < end; ++r) {
       const char* row = data + r * columns * bytes;
       const uint8_t* m = masks + r * row_bytes(columns);
-      char* to = out + start[r] * bytes;
-      if (avx512) codec_gather_row_avx512(row, m, columns, bytes, to);
-      else if (bytes == 2) gather_row(reinterpret_cast<const int16_t*>(row), m, columns, reinterpret_cast<int16_t*>(to));
-      else gather_row(reinterpret_cast<const int32_t*>(row), m, columns, reinterpret_cast<int32_t*>(to));
+      gather_row_with(avx512, row, m, columns, bytes, out + start[r] * bytes);
     }
   });
   return values;
@@ -172,11 +193,7 @@ bool bitmask_scatter(const at::Tensor& values, const at::Tensor& mask, const at:
         ok = false;
         continue;
       }
-      const char* from = in + start[r] * bytes;
-      char* row = data + r * columns * bytes;
-      if (avx512) codec_scatter_row_avx512(from, m, columns, bytes, row);
-      else if (bytes == 2) scatter_row(reinterpret_cast<const int16_t*>(from), m, columns, reinterpret_cast<int16_t*>(row));
-      else scatter_row(reinterpret_cast<const int32_t*>(from), m, columns, reinterpret_cast<int32_t*>(row));
+      scatter_row_with(avx512, in + start[r] * bytes, m, columns, bytes, data + r * columns * bytes);
     }
     if (!ok) consistent.store(false, std::memory_order_relaxed);
   });
@@ -203,8 +220,7 @@ bool bitmask_two_of_four(const at::Tensor& mask, int64_t columns) {
           const uint64_t real = (uint64_t(1) << (columns - 8 * b)) - 1;
           bits = (bits & real) | (0x3333333333333333ULL & ~real);
         }
-        const uint64_t pairs = (bits & 0x5555555555555555ULL) + ((bits >> 1) & 0x5555555555555555ULL);
-        ok = ok && (pairs & 0x3333333333333333ULL) + ((pairs >> 2) & 0x3333333333333333ULL) == 0x2222222222222222ULL;
+        ok = ok && nibble_popcounts(bits) == 0x2222222222222222ULL;
       }
     if (!ok) all.store(false, std::memory_order_relaxed);
   });
@@ -223,8 +239,8 @@ bool bitmask_two_of_four(const at::Tensor& mask, int64_t columns) {
 //
 // A row goes through in stages, so that only the pattern bookkeeping is done per group and every
 // per-weight step is a pass the AVX-512 functions (avx512.cpp) run 16 or 32 lanes at a time:
-// encode = non-zero mask, patterns and stored-position mask (per group), gather of the stored
-// values, quantization per grid; decode = the same in reverse.
+// encode = patterns and stored-position mask from the non-zero mask (per group), gather of the
+// stored values, quantization per grid; decode = the same in reverse.
 
 enum ValueType : int64_t { kValueF32 = 0, kValueBF16 = 1, kValueF16 = 2 };
 
@@ -444,18 +460,16 @@ bool for_each_grid_group(const Grid& grid, int64_t r, int64_t columns, const NMT
   return true;
 }
 
-// One row: 0 ok, 1 a group keeps more than N weights, 2 a kept weight is not on its grid.
-int64_t nm_encode_row(const char* row, int64_t columns, int bytes, int64_t value_type, const NMTables& t,
-                      const Grid& grid, int64_t r, bool avx512, RowScratch& scratch, uint8_t* pattern_row,
-                      uint8_t* mask_row, char* value_row) {
+// One row, from its non-zero bitmask (bitmask_scan's): 0 ok, 1 a group keeps more than N weights,
+// 2 a kept weight is not on its grid.
+int64_t nm_encode_row(const char* row, const uint8_t* nonzero_row, int64_t columns, int bytes, int64_t value_type,
+                      const NMTables& t, const Grid& grid, int64_t r, bool avx512, RowScratch& scratch,
+                      uint8_t* pattern_row, uint8_t* mask_row, char* value_row) {
   const int m = int(t.m), k = int(t.k), base = int(t.patterns);
   const int64_t per_row = columns / m * t.n;
-  uint8_t* nonzero = scratch.nonzero.data();
+  uint8_t* nonzero = scratch.nonzero.data();  // a copy with the spare bytes mask_bits reads
   uint8_t* stored_mask = scratch.stored.data();
-  bool fits24 = true;
-  if (avx512) codec_scan_row_avx512(row, columns, bytes, nonzero, &fits24);
-  else if (bytes == 2) scan_row(reinterpret_cast<const int16_t*>(row), columns, nonzero, &fits24);
-  else scan_row(reinterpret_cast<const int32_t*>(row), columns, nonzero, &fits24);
+  std::memcpy(nonzero, nonzero_row, row_bytes(columns));
 
   // a pattern byte (k groups) at a time: its groups' non-zero bits in one read
   BitWriter stored(stored_mask);
@@ -489,16 +503,8 @@ int64_t nm_encode_row(const char* row, int64_t columns, int bytes, int64_t value
 
   // stored values: kept weights, and the positions that topped a group up (+-0.0, stored as +0.0)
   char* words = grid.on() ? reinterpret_cast<char*>(scratch.words.data()) : value_row;
-  if (avx512) {
-    codec_gather_row_avx512(row, stored_mask, columns, bytes, words);
-    codec_clear_signed_zeros_avx512(words, per_row, bytes);
-  } else if (bytes == 2) {
-    gather_row(reinterpret_cast<const int16_t*>(row), stored_mask, columns, reinterpret_cast<int16_t*>(words));
-    clear_signed_zeros(reinterpret_cast<int16_t*>(words), per_row);
-  } else {
-    gather_row(reinterpret_cast<const int32_t*>(row), stored_mask, columns, reinterpret_cast<int32_t*>(words));
-    clear_signed_zeros(reinterpret_cast<int32_t*>(words), per_row);
-  }
+  gather_row_with(avx512, row, stored_mask, columns, bytes, words);
+  clear_signed_zeros_with(avx512, words, per_row, bytes);
   if (!grid.on()) return 0;
 
   const int levels = 1 << grid.bits;
@@ -517,11 +523,12 @@ int64_t nm_encode_row(const char* row, int64_t columns, int bytes, int64_t value
   return 0;
 }
 
-// (pattern bytes (rows, ceil(groups / k)), bitmask of the stored positions (rows, ceil(columns / 8)),
+// From a matrix and its non-zero bitmask (bitmask_scan's): (pattern bytes (rows, ceil(groups / k)),
+// bitmask of the stored positions (rows, ceil(columns / 8)),
 // values: float bits (rows, columns * N / M) or packed codes, status): status 0 ok, 1 a group keeps
 // more than N weights, 2 a kept weight is not on its grid (codes only; the outputs are then void).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
-    const at::Tensor& bits, int64_t value_type, int64_t n, int64_t m, const at::Tensor& numbers,
+    const at::Tensor& bits, const at::Tensor& nonzero, int64_t value_type, int64_t n, int64_t m, const at::Tensor& numbers,
     const at::Tensor& positions, const at::Tensor& digits, const at::Tensor& by_bits, const at::Tensor& scale,
     const at::Tensor& zero, int64_t code_bits, int64_t group_width, bool avx512) {
   const int bytes = value_bytes(bits, "nm_encode");
@@ -529,6 +536,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
   if (bits.dim() != 2 || bits.size(1) % m) throw std::invalid_argument("nm_encode: a matrix whose width M divides");
   if (bytes != (value_type == kValueF32 ? 4 : 2)) throw std::invalid_argument("nm_encode: value type and bits differ");
   const int64_t rows = bits.size(0), columns = bits.size(1), groups = columns / m, per_row = groups * n;
+  if (nonzero.dim() != 2 || !nonzero.is_contiguous() || nonzero.scalar_type() != at::kByte ||
+      nonzero.size(0) != rows || nonzero.size(1) != row_bytes(columns))
+    throw std::invalid_argument("nm_encode: the non-zero bitmask must be (rows, ceil(columns / 8)) uint8");
+  const uint8_t* nonzero_data = nonzero.data_ptr<uint8_t>();
   const Grid grid = grid_of(scale, zero, rows, columns, group_width, code_bits);
   const int64_t pattern_bytes = (groups + t.k - 1) / t.k;
   // every byte is written (the rows' writers flush their last partial byte)
@@ -545,9 +556,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
   at::parallel_for(0, rows, grain_rows(columns), [&](int64_t begin, int64_t end) {
     RowScratch scratch(columns, per_row, bytes);
     for (int64_t r = begin; r < end && status.load(std::memory_order_relaxed) == 0; ++r) {
-      const int64_t found = nm_encode_row(data + r * columns * bytes, columns, bytes, value_type, t, grid, r, avx512,
-                                          scratch, pattern_data + r * pattern_bytes, mask_data + r * row_bytes(columns),
-                                          value_data + r * value_row);
+      const int64_t found = nm_encode_row(data + r * columns * bytes, nonzero_data + r * row_bytes(columns), columns,
+                                          bytes, value_type, t, grid, r, avx512, scratch, pattern_data + r * pattern_bytes,
+                                          mask_data + r * row_bytes(columns), value_data + r * value_row);
       if (found) status.store(found);
     }
   });
@@ -593,9 +604,7 @@ bool nm_decode_row(const uint8_t* pattern_row, int64_t pattern_bytes, int64_t co
     });
     words = decoded;
   }
-  if (avx512) codec_scatter_row_avx512(words, stored_mask, columns, bytes, out);
-  else if (bytes == 2) scatter_row(reinterpret_cast<const int16_t*>(words), stored_mask, columns, reinterpret_cast<int16_t*>(out));
-  else scatter_row(reinterpret_cast<const int32_t*>(words), stored_mask, columns, reinterpret_cast<int32_t*>(out));
+  scatter_row_with(avx512, words, stored_mask, columns, bytes, out);
   return true;
 }
 

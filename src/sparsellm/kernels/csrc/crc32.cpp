@@ -122,7 +122,7 @@ int64_t crc32(const at::Tensor& tensor, int64_t crc) {
     for (int64_t c = begin; c < end; ++c)
       partial[c] = one_pass(0, data + c * per_chunk, std::min(per_chunk, length - c * per_chunk));
   });
-  uint32_t state = one_pass(uint32_t(crc), data, 0);
+  uint32_t state = uint32_t(crc);
   for (int64_t c = 0; c < chunks; ++c)
     state = multiply_mod(x_to_8n(std::min(per_chunk, length - c * per_chunk)), state) ^ partial[c];
   return int64_t(state);

@@ -60,6 +60,12 @@ enum Isa : int64_t { kAvx2 = 2, kAvx512 = 3 };
 
 // Whether a GEMV (input-major: its output) uses the AVX-512 bfloat16 lane order: within each
 // block of 32 columns, the 16 even columns first, then the 16 odd ones.
+// Bits set in each 4-bit group of ``bits``, one count per nibble (the 2:4 checks of the codecs).
+inline uint64_t nibble_popcounts(uint64_t bits) {
+  const uint64_t pairs = (bits & 0x5555555555555555ULL) + ((bits >> 1) & 0x5555555555555555ULL);
+  return (pairs & 0x3333333333333333ULL) + ((pairs >> 2) & 0x3333333333333333ULL);
+}
+
 inline bool even_odd_lanes(int64_t isa, const Weights& w) {
   return isa == kAvx512 && w.codec == kBF16 && w.format != kNM24;
 }
