@@ -177,8 +177,6 @@ inline uint32_t nm24_mask(uint32_t positions) {
          uint32_t(kTables.nm24[(positions >> 16) & 0xff]) << 16 | uint32_t(kTables.nm24[positions >> 24]) << 24;
 }
 
-inline int64_t dense_start(const Weights& w, int64_t p, int64_t r) { return w.rows * p * w.panel + r * w.panel_width(p); }
-
 // Cursor over one (row, panel): decodes 32 columns per step whatever the format.
 template <int C>
 struct RowCursor {
@@ -191,7 +189,7 @@ struct RowCursor {
       mask = w.mask + w.rows * (c0 / 64) + r * (w.panel_width(p) / 64);
       i = w.offsets[p * w.rows + r];
     } else {
-      i = w.format == kNM24 ? dense_start(w, p, r) / 2 : dense_start(w, p, r);
+      i = w.format == kNM24 ? w.dense_start(p, r) / 2 : w.dense_start(p, r);
     }
   }
 
@@ -330,11 +328,11 @@ void decode_bf16_avx2(const Weights& w, int64_t p, int64_t row_begin, int64_t ro
   for (int64_t r = row_begin; r < row_end; ++r) {
     uint16_t* o = out + (r - row_begin) * ld;
     if (w.format == kDense) {
-      std::memcpy(o, v + dense_start(w, p, r), width * sizeof(uint16_t));
+      std::memcpy(o, v + w.dense_start(p, r), width * sizeof(uint16_t));
       continue;
     }
     const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
-    int64_t i = w.format == kBitmask ? w.offsets[p * w.rows + r] : dense_start(w, p, r) / 2;
+    int64_t i = w.format == kBitmask ? w.offsets[p * w.rows + r] : w.dense_start(p, r) / 2;
     for (int64_t half = 0; half < 2 * words; ++half) {
       const uint32_t bits = mask ? uint32_t(mask[half / 2] >> (32 * (half & 1))) : nm24_mask(w.positions[i / 16]);
       for (int q = 0; q < 4; ++q) {

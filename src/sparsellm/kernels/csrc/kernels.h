@@ -39,6 +39,8 @@ struct Weights {
 
   int64_t panels() const { return (cols + panel - 1) / panel; }
   int64_t panel_width(int64_t p) const { return p + 1 < panels() ? panel : cols - p * panel; }
+  // Where (panel p, row r) starts in a dense layout's values (halve it for 2:4's kept values).
+  int64_t dense_start(int64_t p, int64_t r) const { return rows * p * panel + r * panel_width(p); }
 };
 
 // x: n rows of cols fp32 (zero-padded), y: n rows of `rows` fp32 accumulated into (y += W x).
@@ -58,14 +60,14 @@ struct Active {
 
 enum Isa : int64_t { kAvx2 = 2, kAvx512 = 3 };
 
-// Whether a GEMV (input-major: its output) uses the AVX-512 bfloat16 lane order: within each
-// block of 32 columns, the 16 even columns first, then the 16 odd ones.
 // Bits set in each 4-bit group of ``bits``, one count per nibble (the 2:4 checks of the codecs).
 inline uint64_t nibble_popcounts(uint64_t bits) {
   const uint64_t pairs = (bits & 0x5555555555555555ULL) + ((bits >> 1) & 0x5555555555555555ULL);
   return (pairs & 0x3333333333333333ULL) + ((pairs >> 2) & 0x3333333333333333ULL);
 }
 
+// Whether a GEMV (input-major: its output) uses the AVX-512 bfloat16 lane order: within each
+// block of 32 columns, the 16 even columns first, then the 16 odd ones.
 inline bool even_odd_lanes(int64_t isa, const Weights& w) {
   return isa == kAvx512 && w.codec == kBF16 && w.format != kNM24;
 }
