@@ -1,7 +1,7 @@
 // AVX-512 kernels (F, BW, VL, DQ, VBMI2): 16 fp32 lanes, bitmasks decoded with expands in registers
-// (vexpandps / vpexpandw / vpexpandb after a plain load; see load_apart), 2:4 by gathering x with vpermt2ps so only kept weights are
-// multiplied. Decode is bound by memory bandwidth at batch 1, so every stream is prefetched ~2 KiB
-// ahead (measured +25-30 % here).
+// (vexpandps / vpexpandw / vpexpandb after a plain load; see load_apart), 2:4 by gathering x with
+// vpermt2ps so only kept weights are multiplied. Decode is bound by memory bandwidth at batch 1, so
+// every stream is prefetched ~2 KiB ahead (measured +25-30 % here).
 #include <immintrin.h>
 
 #include <algorithm>
