@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -208,52 +207,20 @@ void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, in
   use_avx512(isa) ? run(decode_avx512, decode_bf16_avx512) : run(decode_avx2, decode_bf16_avx2);
 }
 
-// y^T = W xp^T for a row-major layout, into yt (rows, tokens): each thread takes a share of the
-// rows and, a chunk of them at a time, decodes the chunk (every panel) into a buffer that stays in
-// its own cache and multiplies it with a GEMM on the calling thread (a nested parallel call runs
-// serially). One parallel region per call, and decoded weights never leave the core that made them:
-// decoding in parallel and then running a threaded GEMM per block of rows cost twice as much.
-void dense_row_chunks(const Weights& w, int64_t isa, const at::Tensor& xp, at::Tensor& yt, int64_t chunk_bytes) {
-  const bool bf16 = yt.scalar_type() == at::kBFloat16;
-  const int64_t share = (w.rows + at::get_num_threads() - 1) / at::get_num_threads();  // every thread gets rows
-  const int64_t chunk = std::max<int64_t>(16, std::min(share, chunk_bytes / (int64_t(yt.element_size()) * w.cols)));
-  const bool avx512 = use_avx512(isa);
-  at::parallel_for(0, w.rows, chunk, [&](int64_t r0, int64_t r1) {
-    at::Tensor buffer = at::empty({std::min(chunk, r1 - r0), w.cols}, xp.options());
-    for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
-      const int64_t c1 = std::min(r1, c0 + chunk);
-      for (int64_t p = 0; p < w.panels(); ++p) {
-        if (bf16)
-          (avx512 ? decode_bf16_avx512 : decode_bf16_avx2)(
-              w, p, c0, c1, reinterpret_cast<uint16_t*>(buffer.data_ptr<at::BFloat16>()) + p * w.panel, w.cols);
-        else
-          (avx512 ? decode_avx512 : decode_avx2)(w, p, c0, c1, buffer.data_ptr<float>() + p * w.panel, w.cols);
-      }
-      at::Tensor out = yt.narrow(0, c0, c1 - c0);
-      at::mm_out(out, buffer.narrow(0, 0, c1 - c0), xp.t());
-    }
-  });
-}
-
-// The dense path for many tokens (prefill): decode rows a chunk at a time into a buffer that stays
-// in cache and multiply it with the BLAS GEMM. The matrix is never dense in memory as a whole.
-// Input-major layouts give y = x W (rows = inputs), row-major y = x W^T. The GEMM runs in bfloat16
-// only when inputs and weights are bfloat16 already: rounding other values would change them.
+// The dense path for many tokens (prefill): decode a block of rows at a time into a buffer that
+// stays in cache and multiply it with the BLAS GEMM. The matrix is never dense in memory as a
+// whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T. The GEMM runs in
+// bfloat16 only when inputs and weights are bfloat16 already: rounding other values would change them.
 at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, int64_t block_bytes) {
   const Weights& w = h.w;
   const auto dtype = x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
   at::Tensor xp = prepare(x, w.input_major ? w.rows : w.cols, threshold);
   if (dtype != at::kFloat) xp = xp.to(dtype);  // exact: bfloat16 inputs
+  at::Tensor y = at::zeros({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
   // Float values stored dense are a matrix already: multiply them where they lie (a panel at a time
   // when they are in the GEMM's dtype, else a block of rows converted at a time).
   const bool stored_dense = w.format == kDense && w.codec <= kF16;
   const bool in_place = stored_dense && (w.codec == kBF16 ? dtype == at::kBFloat16 : w.codec == kF32 && dtype == at::kFloat);
-  if (!w.input_major && !in_place) {
-    at::Tensor yt = at::empty({w.rows, x.size(0)}, x.options().dtype(dtype));
-    dense_row_chunks(w, isa, xp, yt, block_bytes);
-    return yt.t();
-  }
-  at::Tensor y = at::zeros({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
   for (int64_t p = 0; p < w.panels(); ++p) {
     const int64_t panel_width = w.panel_width(p);
     const int64_t block = in_place ? w.rows : std::max<int64_t>(16, block_bytes / (int64_t(at::elementSize(dtype)) * panel_width));
