@@ -207,6 +207,15 @@ void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, in
   use_avx512(isa) ? run(decode_avx512, decode_bf16_avx512) : run(decode_avx2, decode_bf16_avx2);
 }
 
+// A (rows, cols) buffer of `dtype` kept from call to call (per calling thread): a fresh one of a few
+// MiB each call is fresh pages from the kernel, zeroed on first touch, at a cost near the decoding's.
+at::Tensor scratch(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  thread_local at::Tensor bytes;
+  const int64_t needed = rows * cols * int64_t(at::elementSize(dtype));
+  if (!bytes.defined() || bytes.numel() < needed) bytes = at::empty({needed}, at::TensorOptions().dtype(at::kByte));
+  return bytes.narrow(0, 0, needed).view(dtype).view({rows, cols});
+}
+
 // The dense path for many tokens (prefill): decode a block of rows at a time into a buffer that
 // stays in cache and multiply it with the BLAS GEMM. The matrix is never dense in memory as a
 // whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T. The GEMM runs in
@@ -214,9 +223,14 @@ void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, in
 at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, int64_t block_bytes) {
   const Weights& w = h.w;
   const auto dtype = x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
-  at::Tensor xp = prepare(x, w.input_major ? w.rows : w.cols, threshold);
-  if (dtype != at::kFloat) xp = xp.to(dtype);  // exact: bfloat16 inputs
-  at::Tensor y = at::zeros({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
+  const int64_t width = w.input_major ? w.rows : w.cols;
+  // x goes to the GEMM as it is when nothing needs doing (in the GEMM's dtype, no padding, no
+  // threshold): prepare's fp32 round trip cost as much as the product on a 512-token prefill.
+  at::Tensor xp = threshold < 0 && x.scalar_type() == dtype && x.size(1) == width ? x.contiguous()
+                                                                                  : prepare(x, width, threshold);
+  if (xp.scalar_type() != dtype) xp = xp.to(dtype);  // exact: bfloat16 inputs
+  // Every part of y is first written with beta = 0 (its old value unread), then accumulated into.
+  at::Tensor y = at::empty({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
   // Float values stored dense are a matrix already: multiply them where they lie (a panel at a time
   // when they are in the GEMM's dtype, else a block of rows converted at a time).
   const bool stored_dense = w.format == kDense && w.codec <= kF16;
@@ -224,7 +238,7 @@ at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double thres
   for (int64_t p = 0; p < w.panels(); ++p) {
     const int64_t panel_width = w.panel_width(p);
     const int64_t block = in_place ? w.rows : std::max<int64_t>(16, block_bytes / (int64_t(at::elementSize(dtype)) * panel_width));
-    at::Tensor buffer = stored_dense ? at::Tensor() : at::empty({block, panel_width}, x.options().dtype(dtype));
+    at::Tensor buffer = stored_dense ? at::Tensor() : scratch(block, panel_width, dtype);
     for (int64_t r0 = 0; r0 < w.rows; r0 += block) {
       const int64_t r1 = std::min(w.rows, r0 + block);
       at::Tensor tile;
@@ -237,9 +251,9 @@ at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double thres
       }
       if (tile.scalar_type() != dtype) tile = tile.to(dtype);
       if (w.input_major)
-        y.narrow(1, p * w.panel, panel_width).addmm_(xp.narrow(1, r0, r1 - r0), tile);
+        y.narrow(1, p * w.panel, panel_width).addmm_(xp.narrow(1, r0, r1 - r0), tile, r0 == 0 ? 0 : 1);
       else
-        y.narrow(1, r0, r1 - r0).addmm_(xp.narrow(1, p * w.panel, panel_width), tile.t());
+        y.narrow(1, r0, r1 - r0).addmm_(xp.narrow(1, p * w.panel, panel_width), tile.t(), p == 0 ? 0 : 1);
     }
   }
   return y;
