@@ -229,8 +229,12 @@ inline uint64_t nm24_mask(uint32_t p0, uint32_t p1) {
 template <int C, int NB>
 inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, int64_t t0) {
   const int64_t c0 = p * w.panel, words = w.panel_width(p) / 64;
-  __m512 acc[NB][2];
-  for (int t = 0; t < NB; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  // Four sums per token when registers allow: with two, each took two dependent FMAs per 64 weights
+  // (8 cycles), which bounded a GEMV whose weights sit in cache.
+  constexpr int A = NB <= 4 ? 4 : 2;
+  __m512 acc[NB][A];
+  for (int t = 0; t < NB; ++t)
+    for (int a = 0; a < A; ++a) acc[t][a] = _mm512_setzero_ps();
   const float* x = b.x + t0 * b.x_stride + c0;
 
   if (w.format == kNM24) {
@@ -244,8 +248,9 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
         const float* xt = x + t * b.x_stride + 64 * k;
         const __m512 x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(xt), g.lane[0], _mm512_loadu_ps(xt + 16));
         const __m512 x1 = _mm512_permutex2var_ps(_mm512_loadu_ps(xt + 32), g.lane[1], _mm512_loadu_ps(xt + 48));
-        acc[t][0] = _mm512_fmadd_ps(g.w[0], x0, acc[t][0]);
-        acc[t][1] = _mm512_fmadd_ps(g.w[1], x1, acc[t][1]);
+        const int a = A == 4 ? 2 * (k & 1) : 0;
+        acc[t][a] = _mm512_fmadd_ps(g.w[0], x0, acc[t][a]);
+        acc[t][a + 1] = _mm512_fmadd_ps(g.w[1], x1, acc[t][a + 1]);
       }
     }
   } else {
@@ -267,12 +272,16 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
         const float* xt = x + t * b.x_stride + 64 * k;
         acc[t][0] = _mm512_fmadd_ps(blk.w[0], _mm512_loadu_ps(xt), acc[t][0]);
         acc[t][1] = _mm512_fmadd_ps(blk.w[1], _mm512_loadu_ps(xt + 16), acc[t][1]);
-        acc[t][0] = _mm512_fmadd_ps(blk.w[2], _mm512_loadu_ps(xt + 32), acc[t][0]);
-        acc[t][1] = _mm512_fmadd_ps(blk.w[3], _mm512_loadu_ps(xt + 48), acc[t][1]);
+        acc[t][A - 2] = _mm512_fmadd_ps(blk.w[2], _mm512_loadu_ps(xt + 32), acc[t][A - 2]);
+        acc[t][A - 1] = _mm512_fmadd_ps(blk.w[3], _mm512_loadu_ps(xt + 48), acc[t][A - 1]);
       }
     }
   }
-  for (int t = 0; t < NB; ++t) b.y[(t0 + t) * b.y_stride + r] += _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+  for (int t = 0; t < NB; ++t) {
+    __m512 sum = _mm512_add_ps(acc[t][0], acc[t][1]);
+    if constexpr (A == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[t][2], acc[t][3]));
+    b.y[(t0 + t) * b.y_stride + r] += _mm512_reduce_add_ps(sum);
+  }
 }
 
 template <int C>
