@@ -197,8 +197,8 @@ def nm_encode(matrix: torch.Tensor, found: Scan, pattern: Pattern, grid: QuantGr
         return None
     module, avx512 = native
     patterns, bitmask, values, status = module.nm_encode(
-        _bits(matrix), found.bitmask.contiguous(), _VALUE_TYPES[matrix.dtype], pattern.n, pattern.m, *_nm_tables(pattern.n, pattern.m),
-        *_grid_arguments(grid, matrix.shape[1]), avx512)
+        _bits(matrix), found.bitmask.contiguous(), _VALUE_TYPES[matrix.dtype], pattern.n, pattern.m,
+        *_nm_tables(pattern.n, pattern.m), *_grid_arguments(grid, matrix.shape[1]), avx512)
     if status == 1:
         raise SparseLLMError(f"{name}: keeps more than {pattern.n} of {pattern.m} weights somewhere")
     if status == 2:

@@ -18,9 +18,9 @@ on. Without a capacity factor the layer is dropless.
 
 Dispatch sorts the assignments by expert; the experts then run as one padded batch (two batched
 products) when the routing is balanced enough, else one after the other on their contiguous runs of
-the gathered tokens. One decoding token goes through a compiled kernel instead (``_fused_token``). Expert weights are stacked as (E, 2F, H) and
-(E, H, F) (the layout transformers uses for Mixtral), so choosing an expert is a contiguous slice:
-a decoding token reads only its k experts' weights.
+the gathered tokens. One decoding token goes through a compiled kernel instead (``_fused_token``).
+Expert weights are stacked as (E, 2F, H) and (E, H, F) (the layout transformers uses for Mixtral),
+so choosing an expert is a contiguous slice: a decoding token reads only its k experts' weights.
 """
 
 from __future__ import annotations

@@ -405,7 +405,8 @@ void decode_bf16_avx512(const Weights& w, int64_t p, int64_t row_begin, int64_t 
       if (mask && (k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k) + kPrefetchBytes / 4, _MM_HINT_T0);
       for (int half = 0; half < 2; ++half) {
         const __mmask32 kept = __mmask32(bits >> (32 * half));
-        _mm512_storeu_si512(o + 64 * k + 32 * half, _mm512_maskz_expand_epi16(kept, in_register(_mm512_loadu_si512(v + i))));
+        const __m512i packed = in_register(_mm512_loadu_si512(v + i));
+        _mm512_storeu_si512(o + 64 * k + 32 * half, _mm512_maskz_expand_epi16(kept, packed));
         i += popcount(kept);
       }
     }

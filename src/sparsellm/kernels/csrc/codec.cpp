@@ -235,7 +235,8 @@ bool bitmask_two_of_four(const at::Tensor& mask, int64_t columns) {
 // (256, k int16: the numbers a byte holds, -1 for a byte no pattern numbers make) and, where a
 // byte's k groups span at most 12 columns (2:4: 3 groups), ``by_bits`` (2^(k M) int32: the pattern
 // byte and kept positions of each non-zero mask of k groups, bit 31 when one keeps more than N;
-// else empty). Values are stored row by row, N per group; quantized ones as codes of ``code_bits`` packed LSB first per row.
+// else empty). Values are stored row by row, N per group; quantized ones as codes of ``code_bits``
+// packed LSB first per row.
 //
 // A row goes through in stages, so that only the pattern bookkeeping is done per group and every
 // per-weight step is a pass the AVX-512 functions (avx512.cpp) run 16 or 32 lanes at a time:
@@ -524,9 +525,9 @@ int64_t nm_encode_row(const char* row, const uint8_t* nonzero_row, int64_t colum
 }
 
 // From a matrix and its non-zero bitmask (bitmask_scan's): (pattern bytes (rows, ceil(groups / k)),
-// bitmask of the stored positions (rows, ceil(columns / 8)),
-// values: float bits (rows, columns * N / M) or packed codes, status): status 0 ok, 1 a group keeps
-// more than N weights, 2 a kept weight is not on its grid (codes only; the outputs are then void).
+// bitmask of the stored positions (rows, ceil(columns / 8)), values: float bits (rows, columns * N /
+// M) or packed codes, status): status 0 ok, 1 a group keeps more than N weights, 2 a kept weight is
+// not on its grid (codes only; the outputs are then void).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> nm_encode(
     const at::Tensor& bits, const at::Tensor& nonzero, int64_t value_type, int64_t n, int64_t m, const at::Tensor& numbers,
     const at::Tensor& positions, const at::Tensor& digits, const at::Tensor& by_bits, const at::Tensor& scale,
