@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, action="append", help="tokens per product (repeatable; default 1)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--backend", default="auto", help="auto, avx512, avx2 or torch")
+    parser.add_argument("--backend", default="auto", help="auto, amx, avx512, avx2 or torch")
     parser.add_argument("--dispatch", default="auto", choices=["auto", "sparse"],
                         help="auto: past the measured crossover the layers use the dense GEMM path")
     parser.add_argument("--shape", action="append", help="OUTxIN (repeatable; default the three Llama-7B shapes)")

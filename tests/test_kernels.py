@@ -1,8 +1,10 @@
 """Every kernel equals the dense product of the same masked (dequantized) weights.
 
 References are plain ``x @ W.T`` on a dense float32 matrix built independently of the layouts.
-Each case runs on every backend this machine has: the compiled AVX-512 and AVX2 kernels (AVX2 is
-forced on AVX-512 CPUs) and the PyTorch fallback.
+Each case runs on every backend this machine has: the compiled AMX, AVX-512 and AVX2 kernels (the
+lesser ones forced on CPUs that have more) and the PyTorch fallback. AMX tiles take row-major bfloat16
+weights from 6 tokens on (here: 17 and 32 tokens in test_float_formats, test_bfloat16_activations,
+the random shapes).
 """
 
 import pytest
@@ -53,7 +55,7 @@ def check(actual, expected, tolerance=2e-5, scale=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_float_formats(name, form, dtype):
     generator = torch.Generator().manual_seed(1)
-    for rows, cols, batch in [(1, 4, 1), (67, 132, 3), (300, 2500, 2), (130, 4100, 32)]:
+    for rows, cols, batch in [(1, 4, 1), (67, 132, 3), (300, 2500, 2), (130, 4100, 32), (70, 700, 17)]:
         weight = random_weight(rows, cols, 0.6, generator)
         if form == "2:4":
             weight = two_four(weight)

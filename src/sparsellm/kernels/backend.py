@@ -1,11 +1,14 @@
-"""Which implementation runs the kernels: compiled AVX-512, compiled AVX2, or the PyTorch fallback.
+"""Which implementation runs the kernels: compiled AMX, AVX-512 or AVX2, or the PyTorch fallback.
+
+``amx`` is the AVX-512 kernels plus AMX tiles for products of several tokens with bfloat16 weights
+(on CPUs with AMX, where torch's own bfloat16 GEMM uses the tiles too).
 
 The C++ sources in ``csrc/`` are compiled on first use with ``torch.utils.cpp_extension`` and
 cached in sparsellm's cache folder (keyed by the sources and the torch version), so later runs
 load them in well under a second. The instruction set is chosen at run time from the CPU's flags;
 before a compiled backend is used it must reproduce the reference products on small random cases
 (``self_check``), so a miscompiled or mis-dispatched kernel can never give silent wrong answers.
-``SPARSELLM_KERNELS=avx512|avx2|torch`` or ``use_backend`` forces a backend (tests, benchmarks).
+``SPARSELLM_KERNELS=amx|avx512|avx2|torch`` or ``use_backend`` forces a backend (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ from ..models import cache_dir
 from . import reference
 from .layouts import Layout, Quantization, build
 
-SOURCES = ("bindings.cpp", "avx512.cpp", "avx2.cpp", "codec.cpp", "crc32.cpp", "moe.cpp")
+SOURCES = ("bindings.cpp", "amx.cpp", "avx512.cpp", "avx2.cpp", "codec.cpp", "crc32.cpp", "moe.cpp")
 HEADERS = ("kernels.h",)
-ISA_CODES = {"avx2": 2, "avx512": 3}
-BACKENDS = ("avx512", "avx2", "torch")
+ISA_CODES = {"avx2": 2, "avx512": 3, "amx": 4}
+BACKENDS = ("amx", "avx512", "avx2", "torch")
 CSRC = Path(__file__).parent / "csrc"
 FLAGS_VERSION = b"2"  # part of the cache key: bump when the compiler flags change
 
@@ -97,7 +100,7 @@ def _self_check_cases() -> Iterator[tuple[Layout, torch.Tensor, float | None]]:
     codes = torch.randint(0, 16, weight.shape, generator=generator, dtype=torch.uint8)
     quantization = Quantization(4, 64, torch.rand(37, 4, generator=generator).half() + 0.1,
                                 torch.randint(0, 16, (37, 4), generator=generator, dtype=torch.uint8))
-    x = torch.randn(3, 200, generator=generator)
+    x = torch.randn(7, 200, generator=generator)  # 7: the GEMV's groups of 4 and 3 tokens, and AMX tiles
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for form in ("dense", "bitmask", "2:4"):
             matrix = (two_four if form == "2:4" else weight).to(dtype)

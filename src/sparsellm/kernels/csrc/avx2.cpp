@@ -332,7 +332,7 @@ void decode_bf16_avx2(const Weights& w, int64_t p, int64_t row_begin, int64_t ro
       continue;
     }
     const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
-    int64_t i = w.format == kBitmask ? w.offsets[p * w.rows + r] : w.dense_start(p, r) / 2;
+    int64_t i = bf16_cursor(w, p, r);
     for (int64_t half = 0; half < 2 * words; ++half) {
       const uint32_t bits = mask ? uint32_t(mask[half / 2] >> (32 * (half & 1))) : nm24_mask(w.positions[i / 16]);
       for (int q = 0; q < 4; ++q) {

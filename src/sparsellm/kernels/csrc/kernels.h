@@ -58,7 +58,8 @@ struct Active {
   int64_t count = 0;
 };
 
-enum Isa : int64_t { kAvx2 = 2, kAvx512 = 3 };
+// kAmx: the AVX-512 kernels, and AMX tiles for products of several tokens with bfloat16 weights.
+enum Isa : int64_t { kAvx2 = 2, kAvx512 = 3, kAmx = 4 };
 
 // Bits set in each 4-bit group of ``bits``, one count per nibble (the 2:4 checks of the codecs).
 inline uint64_t nibble_popcounts(uint64_t bits) {
@@ -69,7 +70,7 @@ inline uint64_t nibble_popcounts(uint64_t bits) {
 // Whether a GEMV (input-major: its output) uses the AVX-512 bfloat16 lane order: within each
 // block of 32 columns, the 16 even columns first, then the 16 odd ones.
 inline bool even_odd_lanes(int64_t isa, const Weights& w) {
-  return isa == kAvx512 && w.codec == kBF16 && w.format != kNM24;
+  return isa >= kAvx512 && w.codec == kBF16 && w.format != kNM24;
 }
 
 #define SPARSELLM_ISA_API(isa)                                                                        \
@@ -82,6 +83,22 @@ inline bool even_odd_lanes(int64_t isa, const Weights& w) {
 
 SPARSELLM_ISA_API(avx512)
 SPARSELLM_ISA_API(avx2)
+
+// Where the stored values of (panel p, row r) start, for the bfloat16 decoders: value index of a
+// bitmask row, kept-value index of a 2:4 row, element index of a dense row.
+inline int64_t bf16_cursor(const Weights& w, int64_t p, int64_t r) {
+  return w.format == kBitmask ? w.offsets[p * w.rows + r] : w.format == kNM24 ? w.dense_start(p, r) / 2 : w.dense_start(p, r);
+}
+void decode_bf16_span_avx512(const Weights& w, int64_t p, int64_t r, int64_t k0, int64_t k1, int64_t* cursor,
+                             uint16_t* out, int64_t step, int64_t ahead);
+
+// AMX (amx.cpp): whether this build has it; x as tiles (n tokens of cols fp32, cols a multiple of 64;
+// groups of 16 tokens x blocks of 32 columns x (split ? 2 : 1) tiles of 512 words); y (n rows of
+// y_stride) = W x for rows [row_begin, row_end) of a row-major layout with bfloat16 values.
+bool amx_compiled();
+void pack_tokens_amx(const float* x, int64_t n, int64_t cols, bool split, uint16_t* out);
+void gemm_amx(const Weights& w, const uint16_t* packed, int64_t n, bool split, int64_t row_begin, int64_t row_end,
+              float* y, int64_t y_stride);
 
 // One row of the checkpoint's bitmask codec (codec.cpp) with AVX-512 test / compress / expand;
 // values are 2- or 4-byte patterns. scan writes ceil(columns / 8) mask bytes, returns the row's
