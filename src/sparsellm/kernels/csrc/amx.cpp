@@ -40,6 +40,8 @@ namespace sparsellm {
 bool amx_compiled() { return false; }
 void pack_tokens_amx(const float*, int64_t, int64_t, bool, uint16_t*) {}
 void gemm_amx(const Weights&, const uint16_t*, int64_t, bool, int64_t, int64_t, float*, int64_t) {}
+void split_rows_amx(const float*, int64_t, int64_t, bool, uint16_t*) {}
+void input_major_amx(const Weights&, const uint16_t*, int64_t, bool, int64_t, int64_t, float*) {}
 
 #else
 
@@ -55,7 +57,8 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles 0-1: C for rows 0-15 / 16-31 of a block; 4 and 7: A; 5-6: B, hi and lo parts of x.
+// Row-major: tiles 0-1 C for rows 0-15 / 16-31 of a block, 4 and 7 A, 5-6 B (x's hi and lo parts).
+// Input-major: 0-1 C for two blocks of 16 outputs, 2-3 A (x's hi and lo), 4-5 B.
 void configure_tiles() {
   TileConfig config;
   for (int tile = 0; tile < 8; ++tile) {
@@ -174,6 +177,93 @@ void gemm_amx(const Weights& w, const uint16_t* packed, int64_t n, bool split, i
     if (resident) store_sums(sums.data(), tiles);
     for (int64_t t = 0; t < n; ++t)
       for (int64_t r = 0; r < count; ++r) y[t * y_stride + r0 + r] = sums[(t / 16) * kBlockRows * 16 + r * 16 + t % 16];
+  }
+  _tile_release();
+}
+
+// Input-major layouts (rows = inputs, columns = outputs): y[t, o] = sum_k x[t, k] W^T[k, o], with
+// C (16 tokens x 16 outputs) += A (16 tokens x 32 inputs of x) . B (32 inputs x 16 outputs). Every
+// operand lies tile after tile, each tile one contiguous kilobyte: with rows a matrix apart, a
+// tile's 16 rows fell in one L1 set (strides of 8-16 KiB), 2-3x slower.
+
+// x (n rows of `width` fp32) as A tiles: tile (group g, block of 32 inputs b) at (g * blocks + b) *
+// 512, token t's 32 inputs at + t * 32; the lo part after all the hi tiles when split. Tokens past n
+// and inputs past width are zero.
+void split_rows_amx(const float* x, int64_t n, int64_t width, bool split, uint16_t* out) {
+  const int64_t groups = (n + 15) / 16, blocks = (width + 31) / 32, lo = groups * blocks * kTile;
+  std::memset(out, 0, sizeof(uint16_t) * lo * (split ? 2 : 1));
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < width; c += 16) {
+      const __mmask16 valid = __mmask16(width - c >= 16 ? 0xffff : (1u << (width - c)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, x + t * width + c);
+      const __m512i hi = bf16_bits(v);
+      uint16_t* at = out + (t / 16 * blocks + c / 32) * kTile + t % 16 * 32 + c % 32;
+      _mm256_mask_storeu_epi16(at, valid, _mm512_cvtepi32_epi16(hi));
+      if (split) _mm256_mask_storeu_epi16(at + lo, valid, _mm512_cvtepi32_epi16(bf16_bits(_mm512_sub_ps(v, widen(hi)))));
+    }
+}
+
+// The inputs [k_begin, k_end) (k_begin a multiple of 32, k_end > k_begin) into `partial`: C tiles (group g,
+// block of 16 outputs o) at (g * cols / 16 + o) * 256. B is built a pass of a few blocks of inputs
+// at a time: the decoder writes two input rows, interleaved value by value (16 pairs per 64-byte
+// tile row) into tile (block b, outputs o) at (b * cols / 16 + o) * 512; C is stored once per pass
+// (and loaded back but for the first).
+void input_major_amx(const Weights& w, const uint16_t* x, int64_t n, bool split, int64_t k_begin, int64_t k_end,
+                     float* partial) {
+  const int64_t cols = w.cols, out_tiles = cols / 16, groups = (n + 15) / 16, x_blocks = (w.rows + 31) / 32;
+  const uint16_t* x_lo = x + groups * x_blocks * kTile;
+  // blocks of 32 inputs per pass: as many as ~1 MiB of pairs holds, so C is reloaded rarely
+  const int64_t per_pass = std::clamp<int64_t>((1 << 20) / (32 * cols * 2), 1, 4);
+  thread_local std::vector<uint16_t> pairs, rows;
+  pairs.resize(per_pass * 32 * cols);
+  rows.resize(2 * cols);
+  configure_tiles();
+  // value j of each of two rows a, b to words 2j, 2j + 1: the first 16 columns, then the next 16
+  const __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                         5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += 32 * per_pass) {
+    const int64_t k1 = std::min(k_end, k0 + 32 * per_pass), blocks = (k1 - k0 + 31) / 32;
+    for (int64_t k = k0; k < k0 + 32 * blocks; k += 2) {
+      for (int half = 0; half < 2; ++half) {
+        uint16_t* row = rows.data() + half * cols;
+        if (k + half < k1) decode_bf16_avx512(w, 0, k + half, k + half + 1, row, cols);
+        else std::fill(row, row + cols, uint16_t(0));
+      }
+      uint16_t* out = pairs.data() + (k - k0) / 32 * out_tiles * kTile + (k - k0) % 32 / 2 * 32;
+      for (int64_t o = 0; o < cols; o += 32, out += 2 * kTile) {
+        const __m512i a = _mm512_loadu_si512(rows.data() + o), b = _mm512_loadu_si512(rows.data() + cols + o);
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, first, b));
+        _mm512_storeu_si512(out + kTile, _mm512_permutex2var_epi16(a, second, b));
+      }
+    }
+    for (int64_t o = 0; o < out_tiles; o += 2)
+      for (int64_t g = 0; g < groups; ++g) {
+        float* c = partial + (g * out_tiles + o) * 256;
+        if (k0 == k_begin) {  // partial is written, not zeroed first
+          _tile_zero(0);
+          _tile_zero(1);
+        } else {
+          _tile_loadd(0, c, 64);
+          _tile_loadd(1, c + 256, 64);
+        }
+        for (int64_t b = 0; b < blocks; ++b) {
+          const uint16_t* pair = pairs.data() + (b * out_tiles + o) * kTile;
+          const int64_t at = (g * x_blocks + k0 / 32 + b) * kTile;
+          _tile_loadd(4, pair, 64);
+          _tile_loadd(5, pair + kTile, 64);
+          _tile_loadd(2, x + at, 64);
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_dpbf16ps(1, 2, 5);
+          if (split) {
+            _tile_loadd(3, x_lo + at, 64);
+            _tile_dpbf16ps(0, 3, 4);
+            _tile_dpbf16ps(1, 3, 5);
+          }
+        }
+        _tile_stored(0, c, 64);
+        _tile_stored(1, c + 256, 64);
+      }
   }
   _tile_release();
 }

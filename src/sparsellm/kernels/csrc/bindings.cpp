@@ -165,6 +165,15 @@ std::shared_ptr<Handle> make_handle(int64_t out_features, int64_t in_features, i
   return handle;
 }
 
+// A (rows, cols) buffer of `dtype` kept from call to call (per calling thread): a fresh one of a few
+// MiB each call is fresh pages from the kernel, zeroed on first touch, at a cost near the decoding's.
+at::Tensor scratch(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  thread_local at::Tensor bytes;
+  const int64_t needed = rows * cols * int64_t(at::elementSize(dtype));
+  if (!bytes.defined() || bytes.numel() < needed) bytes = at::empty({needed}, at::TensorOptions().dtype(at::kByte));
+  return bytes.narrow(0, 0, needed).view(dtype).view({rows, cols});
+}
+
 // Tokens from which a row-major product with bfloat16 weights runs on AMX tiles. Their cost hardly
 // grows up to 16 tokens; the FMA GEMV's does. Measured (4096², 50 % bitmask, 2 threads, weights
 // cold): tiles 2.0 / 2.2 / 2.1 ms at 2 / 4 / 8 tokens, the GEMV 1.4 / 1.7 / 4.0 ms.
@@ -198,10 +207,41 @@ at::Tensor gemv(const at::Tensor& x, const Weights& w, int64_t isa, double thres
   return y;
 }
 
+// The same on AMX tiles (amx.cpp): threads split the inputs in blocks of 32, and their partial sums
+// (tile after tile) are added into y.
+at::Tensor tiles_input_major(const at::Tensor& x, const Weights& w, double threshold, int64_t out_features) {
+  const at::Tensor xp = prepare(x, w.rows, threshold);
+  const int64_t n = xp.size(0), groups = (n + 15) / 16, blocks = (w.rows + 31) / 32;
+  const bool split = x.scalar_type() != at::kBFloat16;
+  at::Tensor tiles = at::empty({(split ? 2 : 1) * groups * blocks * 512}, xp.options().dtype(at::kShort));
+  auto* words = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
+  split_rows_amx(xp.data_ptr<float>(), n, w.rows, split, words);
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), blocks, blocks * 32 * w.cols / kMinWeightsPerThread}));
+  at::Tensor partial = scratch(parts, groups * 16 * w.cols, at::kFloat);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part)
+      input_major_amx(w, words, n, split, 32 * (blocks * part / parts), std::min(w.rows, 32 * (blocks * (part + 1) / parts)),
+                      partial[part].data_ptr<float>());
+  });
+  at::Tensor y = at::empty({n, out_features}, xp.options());
+  const float* parts_data = partial.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < out_features; ++c) {
+      const int64_t from = ((t / 16) * (w.cols / 16) + c / 16) * 256 + (t % 16) * 16 + c % 16;
+      float sum = 0.0f;
+      for (int64_t part = 0; part < parts; ++part) sum += parts_data[part * groups * 16 * w.cols + from];
+      out[t * out_features + c] = sum;
+    }
+  return y;
+}
+
 // y = s(x) W^T with an input-major layout (rows = input features, cols = padded output features),
 // s zeroing |x| <= threshold; only the rows of surviving inputs are read. Threads split the inputs
 // (not the outputs), so each streams long contiguous runs, and their partial sums are added.
 at::Tensor input_major(const at::Tensor& x, const Weights& w, int64_t isa, double threshold, int64_t out_features) {
+  if (isa == kAmx && w.codec == kBF16 && x.size(0) >= kTileMinTokens) return tiles_input_major(x, w, threshold, out_features);
   const at::Tensor xp = prepare(x, w.rows, threshold);
   const int64_t n = xp.size(0);
   const float* xs = xp.data_ptr<float>();
@@ -252,15 +292,6 @@ void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, in
     });
   };
   use_avx512(isa) ? run(decode_avx512, decode_bf16_avx512) : run(decode_avx2, decode_bf16_avx2);
-}
-
-// A (rows, cols) buffer of `dtype` kept from call to call (per calling thread): a fresh one of a few
-// MiB each call is fresh pages from the kernel, zeroed on first touch, at a cost near the decoding's.
-at::Tensor scratch(int64_t rows, int64_t cols, at::ScalarType dtype) {
-  thread_local at::Tensor bytes;
-  const int64_t needed = rows * cols * int64_t(at::elementSize(dtype));
-  if (!bytes.defined() || bytes.numel() < needed) bytes = at::empty({needed}, at::TensorOptions().dtype(at::kByte));
-  return bytes.narrow(0, 0, needed).view(dtype).view({rows, cols});
 }
 
 // The dense path for many tokens (prefill): decode a block of rows at a time into a buffer that

@@ -99,6 +99,11 @@ bool amx_compiled();
 void pack_tokens_amx(const float* x, int64_t n, int64_t cols, bool split, uint16_t* out);
 void gemm_amx(const Weights& w, const uint16_t* packed, int64_t n, bool split, int64_t row_begin, int64_t row_end,
               float* y, int64_t y_stride);
+// Input-major: x as A tiles (split_rows_amx); the product over inputs [k_begin, k_end) into partial, C tiles
+// of (group of 16 tokens, block of 16 outputs), (n + 15) / 16 * w.cols / 16 tiles of 256 fp32.
+void split_rows_amx(const float* x, int64_t n, int64_t width, bool split, uint16_t* out);
+void input_major_amx(const Weights& w, const uint16_t* x, int64_t n, bool split, int64_t k_begin, int64_t k_end,
+                     float* partial);
 
 // One row of the checkpoint's bitmask codec (codec.cpp) with AVX-512 test / compress / expand;
 // values are 2- or 4-byte patterns. scan writes ceil(columns / 8) mask bytes, returns the row's
