@@ -393,43 +393,31 @@ void decode_avx512(const Weights& w, int64_t panel, int64_t row_begin, int64_t r
 void input_major_avx512(const Weights& w, const Batch& b, const Active& a) { by_codec<InputMajor>(w.codec, w, b, a); }
 
 // bfloat16 values decoded as bfloat16 (the GEMM's input on the dense path and the AMX tiles'): the
-// expand alone, 32 values at a time, no widening. Words [k0, k1) of 64 columns of row r in panel p;
-// *cursor is the index of the next stored value (see bf16_cursor) and moves on; the 32 values of
-// columns [32 j, 32 j + 32) of the span go to out + j * step (step 32: one contiguous row).
-void decode_bf16_span_avx512(const Weights& w, int64_t p, int64_t r, int64_t k0, int64_t k1, int64_t* cursor,
-                             uint16_t* out, int64_t step, int64_t ahead) {
-  const uint16_t* v = static_cast<const uint16_t*>(w.values);
-  int64_t i = *cursor;
-  if (w.format == kDense) {
-    for (int64_t k = k0; k < k1; ++k, i += 64, out += 2 * step) {
-      _mm_prefetch(reinterpret_cast<const char*>(v + i) + ahead, _MM_HINT_T0);
-      _mm512_storeu_si512(out, _mm512_loadu_si512(v + i));
-      _mm512_storeu_si512(out + step, _mm512_loadu_si512(v + i + 32));
-    }
-    *cursor = i;
-    return;
-  }
-  const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (p * w.panel / 64) + r * (w.panel_width(p) / 64) : nullptr;
-  // 2:4 keeps 32 values per word: its positions are indexed from k, off the chain of i's popcounts
-  const uint32_t* positions = w.format == kNM24 ? w.positions + i / 16 - 2 * k0 : nullptr;
-  for (int64_t k = k0; k < k1; ++k) {
-    const uint64_t bits = mask ? mask[k] : nm24_mask(positions[2 * k], positions[2 * k + 1]);
-    _mm_prefetch(reinterpret_cast<const char*>(v + i) + ahead, _MM_HINT_T0);
-    if (mask && (k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k) + ahead / 4, _MM_HINT_T0);
-    for (int half = 0; half < 2; ++half, out += step) {
-      const __mmask32 kept = __mmask32(bits >> (32 * half));
-      const __m512i packed = in_register(_mm512_loadu_si512(v + i));
-      _mm512_storeu_si512(out, _mm512_maskz_expand_epi16(kept, packed));
-      i += popcount(kept);
-    }
-  }
-  *cursor = i;
-}
-
+// expand alone, 32 values at a time, no widening.
 void decode_bf16_avx512(const Weights& w, int64_t p, int64_t row_begin, int64_t row_end, uint16_t* out, int64_t ld) {
+  const int64_t width = w.panel_width(p), words = width / 64;
+  const uint16_t* v = static_cast<const uint16_t*>(w.values);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    int64_t cursor = bf16_cursor(w, p, r);
-    decode_bf16_span_avx512(w, p, r, 0, w.panel_width(p) / 64, &cursor, out + (r - row_begin) * ld, 32, kPrefetchBytes);
+    uint16_t* o = out + (r - row_begin) * ld;
+    int64_t i = bf16_cursor(w, p, r);
+    if (w.format == kDense) {
+      std::memcpy(o, v + i, width * sizeof(uint16_t));
+      continue;
+    }
+    const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (p * w.panel / 64) + r * words : nullptr;
+    // 2:4 keeps 32 values per word: its positions are indexed from k, off the chain of i's popcounts
+    const uint32_t* positions = w.format == kNM24 ? w.positions + i / 16 : nullptr;
+    for (int64_t k = 0; k < words; ++k) {
+      const uint64_t bits = mask ? mask[k] : nm24_mask(positions[2 * k], positions[2 * k + 1]);
+      _mm_prefetch(reinterpret_cast<const char*>(v + i) + kPrefetchBytes, _MM_HINT_T0);
+      if (mask && (k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k) + kPrefetchBytes / 4, _MM_HINT_T0);
+      for (int half = 0; half < 2; ++half) {
+        const __mmask32 kept = __mmask32(bits >> (32 * half));
+        const __m512i packed = in_register(_mm512_loadu_si512(v + i));
+        _mm512_storeu_si512(o + 64 * k + 32 * half, _mm512_maskz_expand_epi16(kept, packed));
+        i += popcount(kept);
+      }
+    }
   }
 }
 

@@ -89,8 +89,6 @@ SPARSELLM_ISA_API(avx2)
 inline int64_t bf16_cursor(const Weights& w, int64_t p, int64_t r) {
   return w.format == kBitmask ? w.offsets[p * w.rows + r] : w.format == kNM24 ? w.dense_start(p, r) / 2 : w.dense_start(p, r);
 }
-void decode_bf16_span_avx512(const Weights& w, int64_t p, int64_t r, int64_t k0, int64_t k1, int64_t* cursor,
-                             uint16_t* out, int64_t step, int64_t ahead);
 
 // AMX (amx.cpp): whether this build has it; x as tiles (n tokens of cols fp32, cols a multiple of 64;
 // groups of 16 tokens x blocks of 32 columns x (split ? 2 : 1) tiles of 512 words); y (n rows of
