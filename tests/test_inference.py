@@ -195,6 +195,19 @@ def test_compact_folder_runs_packed_layers(llama_folder, tmp_path, pattern, sche
         torch.testing.assert_close(sparse(tokens).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_load_stores_values_in_a_16_bit_compute_dtype(llama_folder, tmp_path):
+    """A float32 compact folder loaded for bfloat16 compute stores its values in bfloat16 (as a dense
+    folder does), unless weight_dtype says otherwise; float32 compute keeps them as saved."""
+    model, tokenizer = load_model(llama_folder)
+    sparsellm.prune(model, tokenizer, method="magnitude", sparsity=0.5)
+    folder = sparsellm.save(model, tokenizer, tmp_path / "compact")
+    assert {layer.layout.codec for layer in kernel_layers(sparsellm.load(folder, kernels="sparse"))} == {"float32"}
+    bf16 = sparsellm.load(folder, dtype=torch.bfloat16, kernels="sparse")
+    assert {layer.layout.codec for layer in kernel_layers(bf16)} == {"bfloat16"}
+    kept = sparsellm.load(folder, dtype=torch.bfloat16, kernels="sparse", weight_dtype=torch.float32)
+    assert {layer.layout.codec for layer in kernel_layers(kept)} == {"float32"}
+
+
 def test_activation_sparsity_in_a_recipe(llama_folder, tmp_path, capsys):
     """The recipe's activations section calibrates on the in-memory pruned model: the saved thresholds
     equal a separate calibration of the saved folder, and a recipe file alone reproduces them."""
