@@ -8,7 +8,9 @@ Parts (all by default):
   sparsity, and SparseGPT 50 % weights with and without 40 % activations.
 
 Speed: greedy decoding of 128 tokens at batch 1 and a forward pass over a 512-token prompt,
-variants interleaved run by run, medians, ratios to the faster of dense float32 / bfloat16.
+variants interleaved run by run, medians, ratios to the faster of dense float32 / bfloat16. The
+sparsellm rows run the model as ``sparsellm.load`` gives it (bfloat16: the output layer on
+sparsellm's dense kernel too); one row keeps torch's output layer, to show that share.
 
     flock /tmp/sparsellm-heavy.lock python benchmarks/bench_decode.py --threads 2
 """
@@ -64,13 +66,18 @@ def sample_folder(work: Path) -> Path:
 def speed_rows(folder: Path, activation_sparsity: float | None, repeats: int, tokens: int, prefill: int,
                windows: torch.Tensor | None) -> list[dict]:
     variants = {name: load_model(folder, dtype=dtype)[0] for name, dtype in speed.DENSE.items()}
-    variants["sparsellm 50%"] = load_model(folder, dtype=torch.bfloat16)[0]
-    use_kernels(variants["sparsellm 50%"], "auto", dtype=torch.bfloat16)
+    # as sparsellm.load runs bfloat16 (as `sparsellm bench` does, values stored in bfloat16 whatever
+    # the folder holds): the output layer, and any unpruned linear, on sparsellm's dense kernel too;
+    # the next row leaves them to torch
+    variants["sparsellm 50%"] = sparsellm.load(folder, dtype=torch.bfloat16, kernels="auto",
+                                               weight_dtype=torch.bfloat16)
+    variants["sparsellm 50%, torch output layer"] = load_model(folder, dtype=torch.bfloat16)[0]
+    use_kernels(variants["sparsellm 50%, torch output layer"], "auto", dtype=torch.bfloat16)
     if activation_sparsity:
         model = load_model(folder, dtype=torch.bfloat16)[0]
         result = calibrate(model, None, activation_sparsity, windows=windows)
         use_kernels(model, "auto", dtype=torch.bfloat16, thresholds=result.thresholds,
-                    activation_sparsity=result.targets)
+                    activation_sparsity=result.targets, dense_layers=True)
         variants[f"sparsellm 50% + {activation_sparsity:.0%} act."] = model
     report = speed.measure(variants, decode_tokens=tokens, prefill_tokens=prefill, repeats=repeats)
     return report.rows()
