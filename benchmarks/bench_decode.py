@@ -66,11 +66,9 @@ def sample_folder(work: Path) -> Path:
 def speed_rows(folder: Path, activation_sparsity: float | None, repeats: int, tokens: int, prefill: int,
                windows: torch.Tensor | None) -> list[dict]:
     variants = {name: load_model(folder, dtype=dtype)[0] for name, dtype in speed.DENSE.items()}
-    # as sparsellm.load runs bfloat16 (as `sparsellm bench` does, values stored in bfloat16 whatever
-    # the folder holds): the output layer, and any unpruned linear, on sparsellm's dense kernel too;
-    # the next row leaves them to torch
-    variants["sparsellm 50%"] = sparsellm.load(folder, dtype=torch.bfloat16, kernels="auto",
-                                               weight_dtype=torch.bfloat16)
+    # as sparsellm.load runs bfloat16 (values stored in bfloat16 whatever the folder holds): the output
+    # layer, and any unpruned linear, on sparsellm's dense kernel too; the next row leaves them to torch
+    variants["sparsellm 50%"] = sparsellm.load(folder, dtype=torch.bfloat16, kernels="auto")
     variants["sparsellm 50%, torch output layer"] = load_model(folder, dtype=torch.bfloat16)[0]
     use_kernels(variants["sparsellm 50%, torch output layer"], "auto", dtype=torch.bfloat16)
     if activation_sparsity:

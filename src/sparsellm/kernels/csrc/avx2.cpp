@@ -184,13 +184,9 @@ struct RowCursor {
   int64_t r, c0, i;
   const uint64_t* mask = nullptr;
 
-  RowCursor(const Weights& weights, int64_t p, int64_t row) : w(weights), r(row), c0(p * weights.panel) {
-    if (w.format == kBitmask) {
-      mask = w.mask + w.rows * (c0 / 64) + r * (w.panel_width(p) / 64);
-      i = w.offsets[p * w.rows + r];
-    } else {
-      i = w.format == kNM24 ? w.dense_start(p, r) / 2 : w.dense_start(p, r);
-    }
+  RowCursor(const Weights& weights, int64_t p, int64_t row)
+      : w(weights), r(row), c0(p * weights.panel), i(weights.value_start(p, row)) {
+    if (w.format == kBitmask) mask = w.mask + w.rows * (c0 / 64) + r * (w.panel_width(p) / 64);
   }
 
   void step(int64_t half, Block& blk, bool prefetch = true) {  // half: index of the 32-column step in the panel
@@ -246,7 +242,7 @@ inline void row_panel_bf16(const Weights& w, const Batch& b, int64_t p, int64_t 
   const float* x = b.x + t0 * b.x_stride + p * w.panel;
   const uint16_t* v = static_cast<const uint16_t*>(w.values);
   const uint64_t* mask = F == kBitmask ? w.mask + w.rows * (p * w.panel / 64) + r * words : nullptr;
-  int64_t i = F == kBitmask ? w.offsets[p * w.rows + r] : w.dense_start(p, r) / 2;
+  int64_t i = w.value_start(p, r);
   const uint32_t* positions = F == kNM24 ? w.positions + i / 16 : nullptr;  // two words per 64 columns
   __m256 acc[NB][2];
   for (int t = 0; t < NB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
@@ -370,7 +366,7 @@ void decode_bf16_avx2(const Weights& w, int64_t p, int64_t row_begin, int64_t ro
       continue;
     }
     const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
-    int64_t i = bf16_cursor(w, p, r);
+    int64_t i = w.value_start(p, r);
     for (int64_t half = 0; half < 2 * words; ++half) {
       const uint32_t bits = mask ? uint32_t(mask[half / 2] >> (32 * (half & 1))) : nm24_mask(w.positions[i / 16]);
       for (int q = 0; q < 4; ++q) {

@@ -236,7 +236,7 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
   const float* x = b.x + t0 * b.x_stride + c0;
 
   if (w.format == kNM24) {
-    int64_t i = w.dense_start(p, r) / 2;
+    int64_t i = w.value_start(p, r);
     for (int64_t k = 0; k < words; ++k, i += 32) {
       prefetch_ahead<C>(Values<C>::at(w.values, i));
       if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(w.positions + i / 16) + kPrefetchBytes / 4, _MM_HINT_T0);
@@ -254,7 +254,7 @@ inline void row_panel(const Weights& w, const Batch& b, int64_t p, int64_t r, in
   } else {
     const bool bitmask = w.format == kBitmask;
     const uint64_t* mask = bitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
-    int64_t i = bitmask ? w.offsets[p * w.rows + r] : w.dense_start(p, r);
+    int64_t i = w.value_start(p, r);
     for (int64_t k = 0; k < words; ++k) {
       const int64_t first = i;
       Block blk;
@@ -301,9 +301,7 @@ void decode_codec(const Weights& w, int64_t p, int64_t row_begin, int64_t row_en
   for (int64_t r = row_begin; r < row_end; ++r) {
     float* o = out + (r - row_begin) * ld;
     const uint64_t* mask = w.format == kBitmask ? w.mask + w.rows * (c0 / 64) + r * words : nullptr;
-    int64_t i = w.format == kBitmask ? w.offsets[p * w.rows + r]
-              : w.format == kNM24    ? w.dense_start(p, r) / 2
-                                     : w.dense_start(p, r);
+    int64_t i = w.value_start(p, r);
     for (int64_t k = 0; k < words; ++k) {
       prefetch_ahead<C>(Values<C>::at(w.values, i));
       if (mask && (k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k) + kPrefetchBytes / 4, _MM_HINT_T0);
@@ -399,7 +397,7 @@ void decode_bf16_avx512(const Weights& w, int64_t p, int64_t row_begin, int64_t 
   const uint16_t* v = static_cast<const uint16_t*>(w.values);
   for (int64_t r = row_begin; r < row_end; ++r) {
     uint16_t* o = out + (r - row_begin) * ld;
-    int64_t i = bf16_cursor(w, p, r);
+    int64_t i = w.value_start(p, r);
     if (w.format == kDense) {
       std::memcpy(o, v + i, width * sizeof(uint16_t));
       continue;

@@ -41,6 +41,10 @@ struct Weights {
   int64_t panel_width(int64_t p) const { return p + 1 < panels() ? panel : cols - p * panel; }
   // Where (panel p, row r) starts in a dense layout's values (halve it for 2:4's kept values).
   int64_t dense_start(int64_t p, int64_t r) const { return rows * p * panel + r * panel_width(p); }
+  // Index of (panel p, row r)'s first stored value, whatever the format.
+  int64_t value_start(int64_t p, int64_t r) const {
+    return format == kBitmask ? offsets[p * rows + r] : format == kNM24 ? dense_start(p, r) / 2 : dense_start(p, r);
+  }
 };
 
 // x: n rows of cols fp32 (zero-padded), y: n rows of `rows` fp32 accumulated into (y += W x).
@@ -83,12 +87,6 @@ inline bool even_odd_lanes(int64_t isa, const Weights& w) {
 
 SPARSELLM_ISA_API(avx512)
 SPARSELLM_ISA_API(avx2)
-
-// Where the stored values of (panel p, row r) start, for the bfloat16 decoders: value index of a
-// bitmask row, kept-value index of a 2:4 row, element index of a dense row.
-inline int64_t bf16_cursor(const Weights& w, int64_t p, int64_t r) {
-  return w.format == kBitmask ? w.offsets[p * w.rows + r] : w.format == kNM24 ? w.dense_start(p, r) / 2 : w.dense_start(p, r);
-}
 
 // AMX (amx.cpp): whether this build has it; x as tiles (n tokens of cols fp32, cols a multiple of 64;
 // groups of 16 tokens x blocks of 32 columns x (split ? 2 : 1) tiles of 512 words); y (n rows of
