@@ -1,6 +1,8 @@
 """The MoE layer against a slow per-token reference, the auxiliary losses against their formulas."""
 
+import itertools
 import math
+from contextlib import ExitStack
 from unittest.mock import patch
 
 import pytest
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from sparsellm.activations.moe import MoEConfig, MoELayer, load_balancing_loss, router_z_loss
 from sparsellm.activations.moe.layer import WEIGHTINGS
 from sparsellm.errors import SparseLLMError
-from sparsellm.kernels.backend import extension
+from sparsellm.kernels.backend import cpu_isas, extension, use_backend
 
 HIDDEN, EXPERT_SIZE = 16, 8
 
@@ -62,11 +64,28 @@ def reference(layer: MoELayer, x: torch.Tensor):
     return output, kept, served
 
 
-# the dispatch limit that forces each path: one product per expert, or the padded batch
+# the dispatch limit that forces each torch path: one product per expert, or the padded batch
 DISPATCHES = {"per expert": 0.0, "padded batch": math.inf}
 
 
-@pytest.mark.parametrize("dispatch", DISPATCHES)
+def forced_dispatch(name: str) -> ExitStack:
+    """Run an inference call on one path: a torch dispatch, or the compiled kernel (``compiled``: with
+    AVX-512 where the CPU has it; ``compiled avx2``: the AVX2 / plain build), which must then be taken."""
+    stack = ExitStack()
+    if name in DISPATCHES:
+        stack.enter_context(patch.object(MoELayer, "_kernels", return_value=None))
+        stack.enter_context(patch("sparsellm.activations.moe.layer.PADDED_DISPATCH_LIMIT", DISPATCHES[name]))
+        return stack
+    if extension() is None:
+        pytest.skip("the kernels' extension did not build")
+    if name == "compiled avx2" and "avx2" not in cpu_isas():
+        pytest.skip("this CPU has no AVX2")
+    stack.enter_context(use_backend("avx2" if name == "compiled avx2" else "auto"))
+    stack.enter_context(patch.object(MoELayer, "dispatch", side_effect=AssertionError("not the compiled path")))
+    return stack
+
+
+@pytest.mark.parametrize("dispatch", [*DISPATCHES, "compiled", "compiled avx2"])
 @pytest.mark.parametrize("weighting", ["softmax", "normalized", "ones"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
@@ -74,7 +93,7 @@ def test_layer_equals_per_token_reference(top_k, capacity_factor, weighting, dis
     layer = make_layer(num_experts=5, top_k=top_k, capacity_factor=capacity_factor, weighting=weighting)
     x = torch.randn(23, HIDDEN)
     expected, kept, served = reference(layer, x)
-    with torch.no_grad(), patch("sparsellm.activations.moe.layer.PADDED_DISPATCH_LIMIT", DISPATCHES[dispatch]):
+    with torch.no_grad(), forced_dispatch(dispatch):
         output = layer(x)
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
     routing = layer.last_routing
@@ -232,7 +251,7 @@ def test_one_token_compiled_path_equals_reference(top_k, weighting, router_bias)
         if not router_bias:  # the reference has no router bias
             expected, _, _ = reference(layer, x)
             torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
-        with patch.object(MoELayer, "_fused_token", return_value=None), torch.no_grad():
+        with patch.object(MoELayer, "_kernels", return_value=None), torch.no_grad():
             torch.testing.assert_close(output, layer(x), rtol=1e-5, atol=1e-6)
 
 
@@ -247,3 +266,33 @@ def test_dispatch_paths_give_the_same_gradients():
         gradients.append([x.grad, *(p.grad for p in layer.parameters())])
     for per_expert, padded in zip(*gradients, strict=True):
         torch.testing.assert_close(padded, per_expert, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
+@pytest.mark.parametrize("backend", ["auto", "avx2"])
+@pytest.mark.parametrize(("hidden", "expert_size", "num_experts", "top_k", "tokens"),
+                         [(37, 5, 3, 2, 7), (130, 13, 16, 8, 33), (64, 96, 8, 1, 256), (2048, 9, 4, 4, 5)])
+def test_compiled_experts_equal_the_products_they_replace(hidden, expert_size, num_experts, top_k, tokens, backend):
+    """The kernel of many tokens (kernels/csrc/moe.cpp, moe_tokens) against float64 products of the same
+    weights, with dropped assignments (-1): sizes that leave partial tiles of tokens, neurons, outputs
+    and columns (hidden 37, 130), several column passes (2048), one expert with no token, a full batch."""
+    if backend == "avx2" and "avx2" not in cpu_isas():
+        pytest.skip("this CPU has no AVX2")
+    generator = torch.Generator().manual_seed(hidden)
+    x = torch.randn(tokens, hidden, generator=generator)
+    gate_up = torch.randn(num_experts, 2 * expert_size, hidden, generator=generator) / hidden ** 0.5
+    down = torch.randn(num_experts, hidden, expert_size, generator=generator) / expert_size ** 0.5
+    experts = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)])
+    if top_k == 1:
+        experts[experts == num_experts - 1] = 0  # the last expert gets no token
+    experts[torch.rand(tokens, top_k, generator=generator) < 0.2] = -1
+    weights = torch.rand(tokens, top_k, generator=generator)
+    expected = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t, j in itertools.product(range(tokens), range(top_k)):
+        e = experts[t, j].item()
+        if e >= 0:
+            gate, up = (gate_up[e].double() @ x[t].double()).chunk(2)
+            expected[t] += weights[t, j].double() * (down[e].double() @ (F.silu(gate) * up))
+    with use_backend(backend):
+        got = extension().moe_tokens(x, experts, weights, gate_up, down, backend != "avx2")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,9 @@ on. Without a capacity factor the layer is dropless.
 
 Dispatch sorts the assignments by expert; the experts then run as one padded batch (two batched
 products) when the routing is balanced enough, else one after the other on their contiguous runs of
-the gathered tokens. One decoding token goes through a compiled kernel instead (``_fused_token``).
+the gathered tokens. At inference the compiled kernels take over where they are faster: one decoding
+token is routed and run in one call (``_fused_token``), and experts with few tokens each multiply
+them in place (``moe_tokens``: a BLAS GEMM of ~32 rows spends much of its time packing the weights).
 Expert weights are stacked as (E, 2F, H) and (E, H, F) (the layout transformers uses for Mixtral),
 so choosing an expert is a contiguous slice: a decoding token reads only its k experts' weights.
 """
@@ -39,6 +41,12 @@ WEIGHTINGS = ("softmax", "normalized", "ones")
 # (22 % padding): 1.21x one product per expert at H 576 / F 1536, 0.98x at H 2048 / F 5632. Past
 # this much padding the wasted rows cost more than the calls saved: loop over the experts.
 PADDED_DISPATCH_LIMIT = 1.5
+# At inference the compiled kernel (kernels/csrc/moe.cpp) runs the experts while each has few rows: on
+# average at most COMPILED_ROWS assignments, or COMPILED_ROW_WEIGHTS (rows x expert neurons). Measured
+# (2 threads, interleaved): its lead over the torch dispatch fell below 1 past ~100 rows at 1536
+# neurons (64 rows 1.11x, 128 rows 0.86x) and ~50 at 5632 (32 rows 1.32x, 64 rows 0.88x); at 96
+# neurons it still led 1.9x at 2048 rows. Past that the BLAS GEMM's packing of the weights pays.
+COMPILED_ROWS, COMPILED_ROW_WEIGHTS = 48, 1 << 17
 
 
 @dataclass(frozen=True)
@@ -250,23 +258,26 @@ class MoELayer(nn.Module):
             output = expert_output if output is None else output + expert_output
         return output
 
-    def _fused_token(self, x: torch.Tensor) -> torch.Tensor | None:
-        """One decoding token through the compiled layer (kernels/csrc/moe.cpp: routing and experts in
-        one call, instead of ~6 torch calls plus ~7 per expert); None where it does not apply: not
-        inference, not float32 on the CPU, not SiLU-gated, or the kernels' extension is not built."""
-        router, experts = self.router, self.experts
-        tensors = [router.weight, experts.gate_up_proj, experts.down_proj]
-        if router.bias is not None:
-            tensors.append(router.bias)
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in [x, *tensors])) \
+    def _kernels(self, x: torch.Tensor):
+        """(compiled extension, whether it may use AVX-512) when this call can run on sparsellm's
+        kernels: inference (no gradients wanted), float32 on the CPU, SiLU-gated experts, the kernels
+        built and not switched to ``torch``; else None."""
+        tensors = [x, *self.parameters()]
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) \
                 or self.moe_config.activation != "silu" or x.device.type != "cpu" \
-                or any(t.dtype != torch.float32 or not t.is_contiguous() for t in [x, *tensors]):
+                or any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
             return None
-        from ...kernels.backend import extension
+        from ...kernels import backend
 
-        module = extension()
-        if module is None:
+        module = backend.extension()
+        if module is None or backend.current().name == "torch":
             return None
+        return module, backend.current().name != "avx2"
+
+    def _fused_token(self, x: torch.Tensor, module) -> torch.Tensor:
+        """One decoding token through the compiled layer (kernels/csrc/moe.cpp: routing and experts in
+        one call, instead of ~6 torch calls plus ~7 per expert)."""
+        router, experts = self.router, self.experts
         bias = router.bias if router.bias is not None else torch.empty(0)
         output, logits, probs, chosen, weights = module.moe_token(
             x[0], router.weight, bias, experts.gate_up_proj, experts.down_proj, self.moe_config.top_k,
@@ -276,13 +287,20 @@ class MoELayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if x.shape[0] == 1 and not self.training:
-            output = self._fused_token(x)
-            if output is not None:
-                return output.view(hidden_states.shape)
+        kernels = None if self.training else self._kernels(x)
+        if kernels is not None and x.shape[0] == 1:
+            return self._fused_token(x, kernels[0]).view(hidden_states.shape)
         routing = self.route(x)
         self.last_routing = routing
-        return self.dispatch(x, routing).view(hidden_states.shape)
+        rows = routing.experts.numel() / self.moe_config.num_experts
+        if kernels is not None and (rows <= COMPILED_ROWS or rows * self.moe_config.expert_size <= COMPILED_ROW_WEIGHTS):
+            module, allow_avx512 = kernels
+            experts = routing.experts if routing.kept is None else routing.experts.masked_fill(~routing.kept, -1)
+            output = module.moe_tokens(x, experts, routing.weights, self.experts.gate_up_proj,
+                                       self.experts.down_proj, allow_avx512)
+        else:
+            output = self.dispatch(x, routing)
+        return output.view(hidden_states.shape)
 
     def extra_repr(self) -> str:
         config = self.moe_config

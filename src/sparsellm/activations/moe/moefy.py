@@ -212,7 +212,7 @@ def moefy(model, tokenizer, num_experts: int = 16, top_k: int = 4, *, cluster: s
             torch.stack([torch.cat([gate[group], up[group]]) for group in groups]).to(where, dtype),
             torch.stack([down[:, group] for group in groups]).to(where, dtype),
             bias.to(where, dtype),
-        )
+        ).train(mlp.training)  # in the mode of the MLP it replaces (inference picks the kernels by it)
         probe = inputs[:2048]
         dense_out = mlp(probe.to(where, dtype)).float().cpu()
         moe_out = layer(probe.to(where, dtype)).float().cpu()

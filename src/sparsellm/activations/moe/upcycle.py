@@ -55,7 +55,7 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2, *, every: in
         blocks[index].mlp = MoELayer.from_weights(
             moe_config, router.to(gate_up.dtype).to(gate_up.device),
             torch.stack([g for g, _ in experts]), torch.stack([d for _, d in experts]),
-        )
+        ).train(mlp.training)  # in the mode of the MLP it replaces (inference picks the kernels by it)
     as_moe_model(model, moe_config, layers)
     dense_mlp = 3 * moe_config.expert_size * model.config.hidden_size
     report = {
