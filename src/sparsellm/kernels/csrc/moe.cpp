@@ -57,9 +57,11 @@ __attribute__((target_clones("avx512f", "arch=haswell", "default"))) float dot(c
 // (halves, quarters, ...) so that four rounds of two shuffles and an add leave all 16 sums in one
 // vector, the sum of accumulator i in lane bitreverse4(i).
 using Float16 = float __attribute__((vector_size(64)));
-constexpr int kTileTokens = 2, kTileRows = 8;
+constexpr int kTileTokens = 3, kTileRows = 8;
 constexpr int64_t kDepth = 768;  // columns per pass: a tile's 8 weight rows (24 KiB) stay in L1
 constexpr int kLaneOf[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};  // bitreverse4
+// Where accumulator i's sum lands in res: its group of 16, at its reduced lane.
+constexpr int lane_of(int i) { return i / 16 * 16 + kLaneOf[i % 16]; }
 
 inline Float16 load16(const float* p) {
   Float16 v;
@@ -90,38 +92,42 @@ template <int Round> inline void fold_pairs(Float16* acc) {
   for (int i = 0; i < (8 >> Round); ++i) acc[i] = fold<Round>(acc[2 * i], acc[2 * i + 1]);
 }
 
-// res (16 floats, the reduction's lane order) = the dot products of a0 and a1 with the 8 rows b.
-// `ahead`, if set, is prefetched along (one line per 16 columns). PinWeights (AVX-512 only: it needs
-// the vector in one register) keeps each weight vector in a register for its two FMAs: left alone,
-// GCC folds the load into both, and 18 loads per 16 FMAs halved the tile's speed (71 -> 149
-// GFLOP/s on one core, operands in L1).
+// res (kTileTokens vectors of 8 sums, each vector the reduction's lane order: sums 8m..8m+7 and
+// zeros or the next token's) = the dot products of each a[m] with the 8 rows b. `ahead`, if set, is
+// prefetched along (one line per 16 columns). PinWeights (AVX-512 only: it needs the vector in one
+// register) keeps each weight vector in a register for its FMAs: left alone, GCC folds the load into
+// every one, and 18 loads per 16 FMAs halved the 2-token tile's speed (71 -> 149 GFLOP/s on one
+// core, operands in L1).
 template <bool PinWeights>
-inline __attribute__((always_inline)) void tile_dots(const float* a0, const float* a1, const float* const* b,
-                                                     int64_t depth, const float* ahead, float* res) {
-  Float16 acc[16] = {};
+inline __attribute__((always_inline)) void tile_dots(const float* const* a, const float* const* b, int64_t depth,
+                                                     const float* ahead, float* res) {
+  constexpr int kSlots = (kTileTokens * kTileRows + 15) / 16 * 16;
+  Float16 acc[kSlots] = {};
   const int64_t whole = depth & ~int64_t{15};
   for (int64_t k = 0; k < whole; k += 16) {
     if (ahead) __builtin_prefetch(ahead + k, 0, 2);  // to L2: L1 holds this tile's rows
-    const Float16 x0 = load16(a0 + k), x1 = load16(a1 + k);
+    Float16 x[kTileTokens];
+    for (int m = 0; m < kTileTokens; ++m) x[m] = load16(a[m] + k);
     for (int r = 0; r < kTileRows; ++r) {
       Float16 w = load16(b[r] + k);
       if constexpr (PinWeights) asm("" : "+v"(w));
-      acc[r] += x0 * w;
-      acc[kTileRows + r] += x1 * w;
+      for (int m = 0; m < kTileTokens; ++m) acc[m * kTileRows + r] += x[m] * w;
     }
   }
-  fold_pairs<0>(acc), fold_pairs<1>(acc), fold_pairs<2>(acc), fold_pairs<3>(acc);
-  std::memcpy(res, &acc[0], sizeof acc[0]);
+  for (int v = 0; v < kSlots; v += 16) {
+    fold_pairs<0>(acc + v), fold_pairs<1>(acc + v), fold_pairs<2>(acc + v), fold_pairs<3>(acc + v);
+    std::memcpy(res + v, &acc[v], sizeof acc[v]);
+  }
   for (int64_t k = whole; k < depth; ++k)  // the last < 16 columns
-    for (int r = 0; r < kTileRows; ++r)
-      res[kLaneOf[r]] += a0[k] * b[r][k], res[kLaneOf[kTileRows + r]] += a1[k] * b[r][k];
+    for (int m = 0; m < kTileTokens; ++m)
+      for (int r = 0; r < kTileRows; ++r) res[lane_of(m * kTileRows + r)] += a[m][k] * b[r][k];
 }
 
 // sums[i * 8 + r] += rows[index[i]] . b[r] for i < count, with `ld` floats between rows: the
-// columns in even passes of at most kDepth, within a pass the tokens two at a time against the
-// same 8 rows (an odd last token runs twice, its copy dropped). With so few tokens per expert the
-// weights take as long to arrive from memory as to multiply: the 8 rows `next` (the caller's next
-// tile, or null) are prefetched meanwhile, a row per pair of tokens.
+// columns in even passes of at most kDepth, within a pass the tokens kTileTokens at a time against
+// the same 8 rows (a short last group repeats its last token, the copies dropped). With so few
+// tokens per expert the weights take as long to arrive from memory as to multiply: the 8 rows `next`
+// (the caller's next tile, or null) are prefetched meanwhile, a row per group of tokens.
 template <bool PinWeights>
 inline __attribute__((always_inline)) void tile_products(const float* rows, int64_t ld, const int64_t* index,
                                                          int64_t count, const float* const* b, int64_t depth,
@@ -132,12 +138,14 @@ inline __attribute__((always_inline)) void tile_products(const float* rows, int6
     const float* part[kTileRows];
     for (int r = 0; r < kTileRows; ++r) part[r] = b[r] + k0;
     for (int64_t i = 0; i < count; i += kTileTokens) {
-      const int64_t pair = std::min<int64_t>(kTileTokens, count - i);
-      float res[kTileTokens * kTileRows];
+      const int64_t group = std::min<int64_t>(kTileTokens, count - i);
+      const float* a[kTileTokens];
+      for (int m = 0; m < kTileTokens; ++m) a[m] = rows + index[i + std::min<int64_t>(m, group - 1)] * ld + k0;
+      float res[(kTileTokens * kTileRows + 15) / 16 * 16];
       const float* ahead = next ? next[(i / kTileTokens) % kTileRows] + k0 : nullptr;
-      tile_dots<PinWeights>(rows + index[i] * ld + k0, rows + index[i + pair - 1] * ld + k0, part, columns, ahead, res);
-      for (int m = 0; m < pair; ++m)
-        for (int r = 0; r < kTileRows; ++r) sums[(i + m) * kTileRows + r] += res[kLaneOf[m * kTileRows + r]];
+      tile_dots<PinWeights>(a, part, columns, ahead, res);
+      for (int m = 0; m < group; ++m)
+        for (int r = 0; r < kTileRows; ++r) sums[(i + m) * kTileRows + r] += res[lane_of(m * kTileRows + r)];
     }
   }
 }
