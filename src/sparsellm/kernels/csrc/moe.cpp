@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -286,7 +288,10 @@ at::Tensor moe_tokens(const at::Tensor& x, const at::Tensor& experts, const at::
   const float* input = x.data_ptr<float>();
   const float* up_rows = gate_up.data_ptr<float>();
   const float* down_rows = down.data_ptr<float>();
-  std::vector<float> activations(start[num_experts] * width);  // one row per assignment, scaled by its weight
+  // one row per assignment: gate x, then the activations (scaled by the assignment's weight); (up x) * weight
+  at::Tensor activations_t = at::empty({start[num_experts], width}, x.options()), ups_t = at::empty_like(activations_t);
+  float* gates = activations_t.data_ptr<float>();
+  float* ups = ups_t.data_ptr<float>();
   constexpr int kNeurons = kTileRows / 2;                      // a tile's rows: 4 gate rows, then their 4 up rows
   // A stage's tiles, expert by expert, each thread taking the same share of every expert's blocks;
   // rows(e, block, b) fills a block's 8 weight rows, run(e, block, b, next) multiplies them.
@@ -305,7 +310,8 @@ at::Tensor moe_tokens(const at::Tensor& x, const at::Tensor& experts, const at::
         }
     });
   };
-  // stage 1: activations = silu(gate x) * (up x) * weight, threads splitting each expert's neurons
+  // stage 1: gate x and (up x) * weight, threads splitting each expert's neurons; then activations =
+  // silu(gate x) * that, by torch's vectorised SiLU (a scalar exp per neuron here cost ~7 % of the call)
   const auto gate_up_rows = [&](int64_t e, int64_t block, const float** b) {
     const int64_t f0 = block * kNeurons, neurons = std::min<int64_t>(kNeurons, width - f0);
     for (int q = 0; q < kNeurons; ++q) {  // past the last neuron: repeat it, drop the sums
@@ -317,14 +323,17 @@ at::Tensor moe_tokens(const at::Tensor& x, const at::Tensor& experts, const at::
                                                                  const float* const* next) {
     const int64_t first = start[e], count = start[e + 1] - first;
     const int64_t f0 = block * kNeurons, neurons = std::min<int64_t>(kNeurons, width - f0);
-    std::vector<float> sums(count * kTileRows);
+    thread_local std::vector<float> sums;
+    sums.assign(count * kTileRows, 0.0f);
     tile_products_here(input, hidden, token_of.data() + first, count, b, hidden, next, sums.data());
     for (int64_t i = 0; i < count; ++i)
       for (int q = 0; q < neurons; ++q) {
-        const float gate = sums[i * kTileRows + q], up = sums[i * kTileRows + kNeurons + q];
-        activations[(first + i) * width + f0 + q] = gate / (1.0f + std::exp(-gate)) * up * scale_of[first + i];
+        gates[(first + i) * width + f0 + q] = sums[i * kTileRows + q];
+        ups[(first + i) * width + f0 + q] = sums[i * kTileRows + kNeurons + q] * scale_of[first + i];
       }
   });
+  at::silu_(activations_t).mul_(ups_t);
+  const float* activations = gates;
   // stage 2: y[t] += down activations, threads splitting the outputs
   at::Tensor output = at::zeros({tokens, hidden}, x.options());
   float* out = output.data_ptr<float>();
@@ -338,8 +347,9 @@ at::Tensor moe_tokens(const at::Tensor& x, const at::Tensor& experts, const at::
                                                                    const float* const* next) {
     const int64_t first = start[e], count = start[e + 1] - first;
     const int64_t h0 = block * kTileRows, outputs = std::min<int64_t>(kTileRows, hidden - h0);
-    std::vector<float> sums(count * kTileRows);
-    tile_products_here(activations.data(), width, assignments.data() + first, count, b, width, next, sums.data());
+    thread_local std::vector<float> sums;
+    sums.assign(count * kTileRows, 0.0f);
+    tile_products_here(activations, width, assignments.data() + first, count, b, width, next, sums.data());
     for (int64_t i = 0; i < count; ++i)
       for (int r = 0; r < outputs; ++r) out[token_of[first + i] * hidden + h0 + r] += sums[i * kTileRows + r];
   });
