@@ -151,8 +151,8 @@ def bench_upcycle(args, results: dict) -> None:
         results.setdefault("upcycle", []).append({
             "balance_weight": weight, "moe_layers": len(report["layers"]), "steps": args.train_steps,
             "tokens": log.tokens, "seconds": log.seconds,
-            "lm_loss_first5": statistics.mean(s["lm_loss"] for s in log.steps[:5]),
-            "lm_loss_last5": statistics.mean(s["lm_loss"] for s in log.steps[-5:]),
+            "lm_loss_first5": statistics.mean(s["task_loss"] for s in log.steps[:5]),
+            "lm_loss_last5": statistics.mean(s["task_loss"] for s in log.steps[-5:]),
             "balance_loss_last5": statistics.mean(s["balance_loss"] for s in log.steps[-5:]),
             "max_expert_share": share.max().item(), "min_expert_share": share.min().item(),
             "ppl_after": perplexity(model, tokenizer, args.windows),

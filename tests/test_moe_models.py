@@ -1,5 +1,6 @@
 """Dense-to-MoE conversion (MoEfication, upcycling), saving and loading, training, and the CLI verbs."""
 
+import copy
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from sparsellm.activations.moe.moefy import balanced_assignment, balanced_kmeans
 from sparsellm.activations.moe.train import plot_training, router_losses, train
 from sparsellm.activations.moe.upcycle import moe_block_indices
 from sparsellm.cli import main
+from sparsellm.data import load_text, token_windows
 from sparsellm.errors import SparseLLMError
 from sparsellm.models import decoder_blocks, linear_layers, load_model
 from tiny import make_model, make_tokenizer
@@ -186,11 +188,32 @@ def test_training_with_aux_losses_lowers_the_loss_and_writes_plots(tmp_path):
     assert list(moe_layers(model)) == ["model.layers.1.mlp"]
     embedding = model.get_input_embeddings().weight.clone()
     log = train(model, tokenizer, steps=12, batch_size=2, seqlen=32, lr=3e-3, only_moe=True)
-    assert log.steps[-1]["lm_loss"] < log.steps[0]["lm_loss"]
+    assert log.steps[-1]["task_loss"] < log.steps[0]["task_loss"]
     assert torch.equal(model.get_input_embeddings().weight, embedding)  # only the MoE layer trained
     assert log.usage.shape == (1, 4) and log.usage.sum().item() == 12 * 2 * 32 * 2
     paths = plot_training({"with balance": log}, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_distillation_from_the_dense_model_brings_the_moefied_model_back_towards_it():
+    """Experts trained on the KL divergence from the dense teacher: the divergence, computed here by
+    hand on text the training never saw, falls; the teacher is left as it was."""
+    teacher, tokenizer = make_model("llama"), make_tokenizer()
+    student = copy.deepcopy(teacher)
+    moefy(student, tokenizer, num_experts=4, top_k=1, nsamples=4, seqlen=32)
+    teacher_state = {name: p.clone() for name, p in teacher.state_dict().items()}
+    ids = token_windows(tokenizer, load_text("builtin", "evaluation"), 32)[:8]
+
+    def divergence():
+        p, q = (logits(m, ids)[:, :-1].double().log_softmax(-1) for m in (teacher, student))
+        return (p.exp() * (p - q)).sum(-1).mean().item()
+
+    before = divergence()
+    log = train(student, tokenizer, steps=30, batch_size=2, seqlen=32, lr=3e-4, only_moe=True, teacher=teacher,
+                balance_weight=0.0, z_weight=0.0)
+    assert log.objective == "distillation"
+    assert divergence() < 0.9 * before
+    assert all(torch.equal(teacher.state_dict()[name], value) for name, value in teacher_state.items())
 
 
 def test_non_gated_families_are_refused_in_one_line():
@@ -203,12 +226,15 @@ def test_non_gated_families_are_refused_in_one_line():
 def test_cli_moefy_then_eval_and_upcycle(llama_folder, tmp_path, capsys):
     out = tmp_path / "moe"
     code = main(["moefy", "--model", str(llama_folder), "--experts", "4", "--top-k", "1", "--nsamples", "4",
-                 "--seqlen", "32", "--router-steps", "20", "--measure-decode", "--output", str(out)])
+                 "--seqlen", "32", "--router-steps", "20", "--distill-steps", "3", "--distill-batch-size", "1",
+                 "--distill-seqlen", "32", "--measure-decode", "--output", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "a token runs 25.0 % of each MLP's weights" in stdout and "decode MLP time per token" in stdout
+    assert "distilled the experts from the dense model: 3 steps" in stdout
     metadata = json.loads((out / "sparsity.json").read_text())
     assert metadata["method"] == "moefy" and metadata["mlp_params_per_token_vs_dense"] == 0.25
+    assert metadata["distillation"]["objective"] == "distillation" and len(metadata["distillation"]["steps"]) == 3
     assert len(metadata["layers"]) == 3 and metadata["decode_mlp"]["speedup"] > 0
     assert main(["eval", "--model", str(out), "--seqlen", "32", "--windows", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1

@@ -11,6 +11,7 @@ from ..activations.moe import moe_layers
 from ..activations.moe.modeling import gated_mlp
 from ..activations.moe.moefy import CLUSTERINGS, moefy
 from ..activations.moe.speed import decode_mlp_seconds
+from ..activations.moe.train import distill_experts
 from ..models import decoder_blocks
 from .common import add_eval, add_model, add_runtime, emit, eval_options
 from .prune import load
@@ -29,6 +30,12 @@ def add_parser(commands) -> None:
     parser.add_argument("--router-steps", type=int, default=0,
                         help="Adam steps per block that train the router to pick each token's best experts")
     parser.add_argument("--router-lr", type=float, default=1e-3, help="router training learning rate")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="then train the experts this many steps to match the dense model (distillation "
+                             "on the calibration split's windows; default 0: none)")
+    parser.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of the distillation")
+    parser.add_argument("--distill-batch-size", type=int, default=4, help="windows per distillation step")
+    parser.add_argument("--distill-seqlen", type=int, default=256, help="tokens per distillation window")
     add_moe_common(parser)
     parser.add_argument("--calib", default="builtin",
                         help="calibration text: builtin, a .txt file or folder, or a datasets name (online)")
@@ -81,17 +88,29 @@ def convert_and_save(args: argparse.Namespace, convert: Callable) -> tuple[dict,
 
 
 def run(args: argparse.Namespace) -> int:
+    teacher = None
+
     def convert(model, tokenizer):
+        nonlocal teacher
+        if args.distill_steps:
+            teacher = copy.deepcopy(model).eval()
         report = moefy(model, tokenizer, args.experts, args.top_k, cluster=args.cluster,
                        router_steps=args.router_steps, router_lr=args.router_lr,
                        capacity_factor=args.capacity_factor, calib=args.calib, nsamples=args.nsamples,
                        seqlen=args.seqlen, batch_size=args.batch_size, device=args.device, seed=args.seed)
         recall = sum(layer.router_recall for layer in report.layers) / len(report.layers)
-        return report.to_dict(), [
-            f"MoEfied {len(moe_layers(model))} MLPs into {args.experts} experts of "
-            f"{report.moe['expert_size']} neurons, top-{args.top_k} per token: a token runs "
-            f"{100 * report.active_share:.1f} % of each MLP's weights (router recall {recall:.3f}) "
-            f"in {report.seconds:.1f} s -> {args.output}"]
+        lines = [f"MoEfied {len(moe_layers(model))} MLPs into {args.experts} experts of "
+                 f"{report.moe['expert_size']} neurons, top-{args.top_k} per token: a token runs "
+                 f"{100 * report.active_share:.1f} % of each MLP's weights (router recall {recall:.3f}) "
+                 f"in {report.seconds:.1f} s -> {args.output}"]
+        metadata = report.to_dict()
+        if args.distill_steps:
+            log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
+                                  batch_size=args.distill_batch_size, seqlen=args.distill_seqlen, data=args.calib)
+            metadata["distillation"] = log.to_dict() | {"lr": args.distill_lr}
+            lines.append(f"distilled the experts from the dense model: {len(log.steps)} steps in {log.seconds:.0f} s, "
+                         f"KL {log.steps[0]['task_loss']:.3f} -> {log.steps[-1]['task_loss']:.3f}")
+        return metadata, lines
 
     metadata, lines = convert_and_save(args, convert)
     emit(args, metadata, lines)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             metadata["training"] = log.to_dict()
             first, last = log.steps[0], log.steps[-1]
             lines.append(f"trained {args.train_steps} steps ({log.tokens} tokens, {log.seconds:.0f} s): LM loss "
-                         f"{first['lm_loss']:.3f} -> {last['lm_loss']:.3f}, balance loss "
+                         f"{first['task_loss']:.3f} -> {last['task_loss']:.3f}, balance loss "
                          f"{first['balance_loss']:.3f} -> {last['balance_loss']:.3f} (plots in {args.output})")
         return metadata, lines
 

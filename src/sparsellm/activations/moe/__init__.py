@@ -8,13 +8,13 @@ from .layer import Experts, MoEConfig, MoELayer, Router, Routing, load_balancing
 from .modeling import as_moe_model, is_moe_model, moe_layers, register, set_top_k
 from .moefy import MoEfyReport, moefy
 from .speed import decode_mlp_seconds
-from .train import TrainLog, expert_counts, plot_training, router_losses, train
+from .train import TrainLog, distill_experts, expert_counts, plot_training, router_losses, train
 from .upcycle import upcycle
 
 register()
 
 __all__ = [
     "Experts", "MoEConfig", "MoELayer", "MoEfyReport", "Router", "Routing", "TrainLog", "as_moe_model", "decode_mlp_seconds",
-    "expert_counts", "is_moe_model", "load_balancing_loss", "moe_layers", "moefy", "plot_training", "register",
+    "distill_experts", "expert_counts", "is_moe_model", "load_balancing_loss", "moe_layers", "moefy", "plot_training", "register",
     "router_losses", "router_z_loss", "set_top_k", "train", "upcycle",
 ]

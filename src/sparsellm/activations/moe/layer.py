@@ -269,10 +269,10 @@ class MoELayer(nn.Module):
             return None
         from ...kernels import backend
 
-        module = backend.extension()
-        if module is None or backend.current().name == "torch":
+        module, chosen = backend.extension(), backend.current().name
+        if module is None or chosen == "torch":
             return None
-        return module, backend.current().name != "avx2"
+        return module, chosen != "avx2"
 
     def _fused_token(self, x: torch.Tensor, module) -> torch.Tensor:
         """One decoding token through the compiled layer (kernels/csrc/moe.cpp: routing and experts in

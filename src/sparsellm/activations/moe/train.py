@@ -1,10 +1,14 @@
 """Training an MoE model with its auxiliary losses, expert usage, and the plots people look at.
 
-The loss of a step is ``LM loss + balance_weight * L_balance + z_weight * L_z``, where
+The loss of a step is ``task loss + balance_weight * L_balance + z_weight * L_z``, where
 L_balance and L_z are the Switch load-balancing loss and the router z-loss averaged over the MoE
 layers (so the weights do not depend on how many layers are MoE; Switch used 0.01 for the
-balance and ST-MoE 0.001 for the z-loss). A small loop of its own: the training issue's trainer was
-not in the code base when this was written, and this loop needs nothing but the aux losses added.
+balance and ST-MoE 0.001 for the z-loss). The task loss is the LM loss, or, given a ``teacher``
+(the dense model a MoEfied model came from), the KL divergence from the teacher's next-token
+distribution: the experts then learn to give back what the dense MLPs computed, not to fit the
+training text. A small loop of its own: the training issue's trainer was not in the code base when
+this was written, and this loop needs nothing but the aux losses added (it shares that trainer's
+losses).
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...data import Text, check_context, load_text, token_windows
 from ...errors import SparseLLMError
 from ...logging_utils import logger, progress
+from ...training.distill import distillation_loss, next_token_loss
 from .layer import load_balancing_loss, router_z_loss
 from .modeling import moe_layers
 
@@ -41,28 +45,32 @@ def expert_counts(model: nn.Module) -> torch.Tensor:
 
 @dataclass
 class TrainLog:
-    """Per step: total loss, LM loss, balance and z-loss; and expert usage summed over all steps."""
+    """Per step: total loss, task loss (``objective``: ``lm`` or ``distillation``), balance and z-loss;
+    and expert usage summed over all steps."""
 
     balance_weight: float
     z_weight: float
+    objective: str = "lm"
     steps: list[dict] = field(default_factory=list)
     usage: torch.Tensor | None = None  # (MoE layers, E) assignments served
     tokens: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"balance_weight": self.balance_weight, "z_weight": self.z_weight, "steps": self.steps,
+        return {"balance_weight": self.balance_weight, "z_weight": self.z_weight, "objective": self.objective,
+                "steps": self.steps,
                 "usage": self.usage.tolist() if self.usage is not None else None, "tokens": self.tokens,
                 "seconds": round(self.seconds, 2)}
 
 
 def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: int = 100, batch_size: int = 4,
           seqlen: int = 256, lr: float = 1e-4, balance_weight: float = 0.01, z_weight: float = 0.001,
-          only_moe: bool = False, seed: int = 0) -> TrainLog:
+          only_moe: bool = False, teacher: nn.Module | None = None, seed: int = 0) -> TrainLog:
     """Train ``model`` in place with AdamW on windows of the calibration split of ``data``.
 
     Windows are drawn without replacement in a seeded order (cycling when they run out); the
-    evaluation split is never seen. ``only_moe`` trains the routers and experts alone.
+    evaluation split is never seen. ``only_moe`` trains the routers and experts alone; a ``teacher``
+    makes the task loss distillation from it (see the module's docstring).
     """
     if steps < 1 or batch_size < 1:
         raise SparseLLMError("steps and batch size must be at least 1")
@@ -81,7 +89,7 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
     for name, param in model.named_parameters():
         param.requires_grad_(trainable[name])
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    log = TrainLog(balance_weight, z_weight)
+    log = TrainLog(balance_weight, z_weight, "lm" if teacher is None else "distillation")
     device = model.get_input_embeddings().weight.device
     started = time.perf_counter()
     model.train()
@@ -89,27 +97,41 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
     for step in bar:
         batch = windows[order[step * batch_size : (step + 1) * batch_size]].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        if teacher is None:
+            task_loss = next_token_loss(logits, batch)
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch, use_cache=False).logits
+            task_loss, _ = distillation_loss(logits, teacher_logits, batch, alpha=1.0)
         balance, z_loss = router_losses(model)
-        loss = lm_loss + balance_weight * balance + z_weight * z_loss
+        loss = task_loss + balance_weight * balance + z_weight * z_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         counts = expert_counts(model)
         log.usage = counts if log.usage is None else log.usage + counts
         log.tokens += batch.numel()
-        log.steps.append({"step": step + 1, "loss": loss.item(), "lm_loss": lm_loss.item(),
+        log.steps.append({"step": step + 1, "loss": loss.item(), "task_loss": task_loss.item(),
                           "balance_loss": balance.item(), "z_loss": z_loss.item(),
                           "seconds": round(time.perf_counter() - started, 2)})
-        bar.set_postfix(lm=f"{lm_loss.item():.3f}", balance=f"{balance.item():.3f}")
+        bar.set_postfix(task=f"{task_loss.item():.3f}", balance=f"{balance.item():.3f}")
     model.eval()
     for name, param in model.named_parameters():
         param.requires_grad_(was_trainable[name])
     log.seconds = time.perf_counter() - started
-    logger.info("trained %d steps (%d tokens) in %.1f s: LM loss %.3f -> %.3f, balance loss %.3f -> %.3f",
-                steps, log.tokens, log.seconds, log.steps[0]["lm_loss"], log.steps[-1]["lm_loss"],
+    logger.info("trained %d steps (%d tokens) in %.1f s: %s loss %.3f -> %.3f, balance loss %.3f -> %.3f",
+                steps, log.tokens, log.seconds, log.objective, log.steps[0]["task_loss"], log.steps[-1]["task_loss"],
                 log.steps[0]["balance_loss"], log.steps[-1]["balance_loss"])
     return log
+
+
+def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: int, lr: float = 1e-4,
+                    batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", seed: int = 0) -> TrainLog:
+    """Train a MoEfied model's experts (and routers) to give back the dense ``teacher``'s next-token
+    distribution: the recovery step after MoEfication, the routers' choices kept as they are (the
+    aux losses off: the routers were fitted to the experts' outputs, not to balance)."""
+    return train(model, tokenizer, data=data, steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr,
+                 balance_weight=0.0, z_weight=0.0, only_moe=True, teacher=teacher, seed=seed)
 
 
 def plot_training(runs: dict[str, TrainLog], folder: str | Path) -> list[Path]:
@@ -125,9 +147,10 @@ def plot_training(runs: dict[str, TrainLog], folder: str | Path) -> list[Path]:
     figure, (lm_axis, balance_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for label, log in runs.items():
         steps = [s["step"] for s in log.steps]
-        lm_axis.plot(steps, _smooth([s["lm_loss"] for s in log.steps]), label=label)
+        lm_axis.plot(steps, _smooth([s["task_loss"] for s in log.steps]), label=label)
         balance_axis.plot(steps, _smooth([s["balance_loss"] for s in log.steps]), label=label)
-    lm_axis.set(xlabel="step", ylabel="LM loss (moving mean of 5)", title="language-model loss")
+    task = "LM loss" if all(log.objective == "lm" for log in runs.values()) else "task loss (LM or KL from the teacher)"
+    lm_axis.set(xlabel="step", ylabel=f"{task} (moving mean of 5)", title=task)
     balance_axis.set(xlabel="step", ylabel="load-balancing loss (1 = balanced)", title="load balance")
     balance_axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     for axis in (lm_axis, balance_axis):
