@@ -13,6 +13,9 @@ Parts (all at 2 torch threads, float32):
   routers trained for 8 and 4 experts; calibration 32 x 512 tokens (the first windows of the
   protocol's calibration split).
 - ``decode``: one token through all 30 MLPs, dense vs MoEfied at 50 % and 25 % (interleaved medians).
+- ``distill``: the sample model MoEfied at 8 of 16 experts (50 %, least-squares router), then its
+  experts distilled from the dense model (KL from its next-token distribution on the calibration
+  split's 256-token windows); perplexity under the protocol before and after, the KL per step.
 - ``upcycle``: the sample model upcycled (8 experts, top-2, every other block as in Switch), trained
   for a few steps with and without the load-balancing loss; loss curves and expert usage plotted.
 
@@ -37,7 +40,7 @@ from sparsellm.activations.moe import MoEConfig, MoELayer, set_top_k
 from sparsellm.activations.moe.modeling import gated_mlp
 from sparsellm.activations.moe.moefy import moefy
 from sparsellm.activations.moe.speed import decode_mlp_seconds
-from sparsellm.activations.moe.train import plot_training, train
+from sparsellm.activations.moe.train import distill_experts, plot_training, train
 from sparsellm.activations.moe.upcycle import upcycle
 from sparsellm.models import decoder_blocks
 
@@ -138,6 +141,22 @@ def _plot_moefy(results: dict, folder: Path) -> None:
     plt.close(figure)
 
 
+def bench_distill(args, results: dict) -> None:
+    model, tokenizer = sparsellm.load_model("sample")
+    teacher = copy.deepcopy(model).eval()
+    dense = perplexity(teacher, tokenizer, args.windows)
+    moefy(model, tokenizer, 16, 8, router_steps=0, nsamples=args.nsamples)
+    before = perplexity(model, tokenizer, args.windows)
+    log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr)
+    kl = [s["task_loss"] for s in log.steps]
+    results["distill"] = {
+        "top_k": 8, "experts": 16, "share": 0.5, "steps": args.distill_steps, "lr": args.distill_lr,
+        "tokens": log.tokens, "seconds": log.seconds, "dense_ppl": dense, "ppl_before": before,
+        "ppl_after": perplexity(model, tokenizer, args.windows),
+        "kl_first5": statistics.mean(kl[:5]), "kl_last5": statistics.mean(kl[-5:]), "kl": kl,
+    }
+
+
 def bench_upcycle(args, results: dict) -> None:
     runs = {}
     for weight in (args.balance_weight, 0.0):
@@ -163,8 +182,8 @@ def bench_upcycle(args, results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["layer", "moefy", "decode", "upcycle"],
-                        choices=["layer", "moefy", "decode", "upcycle"])
+    parser.add_argument("--parts", nargs="+", default=["layer", "moefy", "decode", "distill", "upcycle"],
+                        choices=["layer", "moefy", "decode", "distill", "upcycle"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per layer in the layer part")
     parser.add_argument("--decode-repeats", type=int, default=50)
@@ -174,6 +193,8 @@ def main() -> None:
     parser.add_argument("--train-batch-size", type=int, default=4)
     parser.add_argument("--train-seqlen", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--balance-weight", type=float, default=0.01)
     parser.add_argument("--windows", type=int, default=32, help="perplexity windows (protocol: 32)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "moe")
@@ -185,7 +206,7 @@ def main() -> None:
     results: dict = json.loads(saved.read_text()) if saved.exists() else {}
     results.update({"threads": args.threads, "parts": sorted(set(results.get("parts", [])) | set(args.parts))})
     producers = {"layer": {"layer"}, "moefy": {"moefy", "decode"}, "dense_ppl": {"moefy", "decode"},
-                 "decode": {"decode"}, "upcycle": {"upcycle"}}  # the decode part MoEfies the model again
+                 "decode": {"decode"}, "distill": {"distill"}, "upcycle": {"upcycle"}}  # the decode part MoEfies the model again
     for key, parts in producers.items():
         if parts & set(args.parts):
             results.pop(key, None)
@@ -203,6 +224,11 @@ def main() -> None:
                   f"(dense {results['dense_ppl']:.3f})", flush=True)
         if "decode" in results:
             print("decode:", json.dumps(results["decode"]), flush=True)
+    if "distill" in args.parts:
+        bench_distill(args, results)
+        row = results["distill"]
+        print(f"distill: 8 of 16 experts, ppl {row['ppl_before']:.3f} -> {row['ppl_after']:.3f} after "
+              f"{row['steps']} steps (dense {row['dense_ppl']:.3f})", flush=True)
     if "upcycle" in args.parts:
         bench_upcycle(args, results)
         for row in results["upcycle"]:
