@@ -88,12 +88,8 @@ def convert_and_save(args: argparse.Namespace, convert: Callable) -> tuple[dict,
 
 
 def run(args: argparse.Namespace) -> int:
-    teacher = None
-
     def convert(model, tokenizer):
-        nonlocal teacher
-        if args.distill_steps:
-            teacher = copy.deepcopy(model).eval()
+        teacher = copy.deepcopy(model).eval() if args.distill_steps else None  # the dense model, kept
         report = moefy(model, tokenizer, args.experts, args.top_k, cluster=args.cluster,
                        router_steps=args.router_steps, router_lr=args.router_lr,
                        capacity_factor=args.capacity_factor, calib=args.calib, nsamples=args.nsamples,

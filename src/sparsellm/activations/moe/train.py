@@ -6,9 +6,8 @@ layers (so the weights do not depend on how many layers are MoE; Switch used 0.0
 balance and ST-MoE 0.001 for the z-loss). The task loss is the LM loss, or, given a ``teacher``
 (the dense model a MoEfied model came from), the KL divergence from the teacher's next-token
 distribution: the experts then learn to give back what the dense MLPs computed, not to fit the
-training text. A small loop of its own: the training issue's trainer was not in the code base when
-this was written, and this loop needs nothing but the aux losses added (it shares that trainer's
-losses).
+training text. A small loop of its own, since it needs nothing but the aux losses added; the task
+losses are the training package's.
 """
 
 from __future__ import annotations
@@ -127,15 +126,16 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
 
 def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: int, lr: float = 1e-4,
                     batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", seed: int = 0) -> TrainLog:
-    """Train a MoEfied model's experts (and routers) to give back the dense ``teacher``'s next-token
-    distribution: the recovery step after MoEfication, the routers' choices kept as they are (the
-    aux losses off: the routers were fitted to the experts' outputs, not to balance)."""
+    """Train a MoEfied model's experts to give back the dense ``teacher``'s next-token distribution:
+    the recovery step after MoEfication. The aux losses are off (the routers were fitted to the
+    experts' outputs, not to balance), and with MoEfication's unweighted sum of experts no gradient
+    reaches the routers: their choices stay as fitted."""
     return train(model, tokenizer, data=data, steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr,
                  balance_weight=0.0, z_weight=0.0, only_moe=True, teacher=teacher, seed=seed)
 
 
 def plot_training(runs: dict[str, TrainLog], folder: str | Path) -> list[Path]:
-    """Write loss.png (LM and balance loss per step, one line per run) and expert_usage.png
+    """Write loss.png (task and balance loss per step, one line per run) and expert_usage.png
     (share of assignments per expert, one row of bars per run, each layer a thin line, the mean bold)."""
     import matplotlib
 
