@@ -1,6 +1,6 @@
 """Mixture-of-experts: layer throughput, MoEfied sample-model quality and decode speed, upcycled training.
 
-    flock /tmp/sparsellm-heavy.lock python benchmarks/bench_moe.py            # everything (~1 h here)
+    flock /tmp/sparsellm-heavy.lock python benchmarks/bench_moe.py            # everything (~2 h here)
     python benchmarks/bench_moe.py --parts layer decode                       # a subset
 
 Parts (all at 2 torch threads, float32):
