@@ -155,6 +155,28 @@ def bench_distill(args, results: dict) -> None:
         "ppl_after": perplexity(model, tokenizer, args.windows),
         "kl_first5": statistics.mean(kl[:5]), "kl_last5": statistics.mean(kl[-5:]), "kl": kl,
     }
+    _plot_distill(results["distill"], args.output)
+
+
+def _plot_distill(row: dict, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(range(1, len(row["kl"]) + 1), row["kl"], color="tab:blue", alpha=0.3, label="per step")
+    smooth = [statistics.mean(row["kl"][max(0, i - 19) : i + 1]) for i in range(len(row["kl"]))]
+    axis.plot(range(1, len(smooth) + 1), smooth, color="tab:blue", label="moving mean of 20")
+    axis.set(xlabel="step", ylabel="KL from the dense model (nats per token)",
+             title=f"50 % MoEfied SmolLM2-135M, experts distilled: perplexity {row['ppl_before']:.1f} -> "
+                   f"{row['ppl_after']:.1f} (dense {row['dense_ppl']:.1f})")
+    axis.title.set_fontsize(9)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(folder / "distill_kl.png", dpi=120)
+    plt.close(figure)
 
 
 def bench_upcycle(args, results: dict) -> None:
