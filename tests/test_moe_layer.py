@@ -58,10 +58,14 @@ def reference(layer: MoELayer, x: torch.Tensor):
                 continue
             served[expert] += 1
             kept[t, rank] = True
-            h = gate_up[expert] @ x[t].double()
-            gate, up = h[:EXPERT_SIZE], h[EXPERT_SIZE:]
-            output[t] += weight * (down[expert] @ (F.silu(gate) * up))
+            output[t] += weight * expert_reference(gate_up[expert], down[expert], x[t])
     return output, kept, served
+
+
+def expert_reference(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One expert on one token in float64: down (silu(gate x) * up x)."""
+    gate, up = (gate_up.double() @ x.double()).chunk(2)
+    return down.double() @ (F.silu(gate) * up)
 
 
 # the dispatch limit that forces each torch path: one product per expert, or the padded batch
@@ -291,8 +295,7 @@ def test_compiled_experts_equal_the_products_they_replace(hidden, expert_size, n
     for t, j in itertools.product(range(tokens), range(top_k)):
         e = experts[t, j].item()
         if e >= 0:
-            gate, up = (gate_up[e].double() @ x[t].double()).chunk(2)
-            expected[t] += weights[t, j].double() * (down[e].double() @ (F.silu(gate) * up))
+            expected[t] += weights[t, j].double() * expert_reference(gate_up[e], down[e], x[t])
     with use_backend(backend):
         got = extension().moe_tokens(x, experts, weights, gate_up, down, backend != "avx2")
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

@@ -226,10 +226,11 @@ at::Tensor tiles_input_major(const at::Tensor& x, const Weights& w, double thres
   });
   at::Tensor y = at::empty({n, out_features}, xp.options());
   const float* sums = partial.data_ptr<float>();
+  float* out = y.data_ptr<float>();
   for (int64_t t = 0; t < n; ++t)
     for (int64_t c0 = 0; c0 < out_features; c0 += 16) {  // token t's 16 outputs of a tile lie in a row
       const float* from = sums + ((t / 16) * (w.cols / 16) + c0 / 16) * 256 + (t % 16) * 16;
-      float* to = y.data_ptr<float>() + t * out_features + c0;
+      float* to = out + t * out_features + c0;
       const int64_t width = std::min<int64_t>(16, out_features - c0);
       std::copy(from, from + width, to);
       for (int64_t part = 1; part < parts; ++part)

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace sparsellm {
@@ -72,24 +73,19 @@ inline Float16 load16(const float* p) {
   return v;
 }
 
-// One round of the reduction: the lanes of a and b folded into one vector, a's sums first in each
-// group of 2^(4 - Round) lanes.
-template <int Round> inline Float16 fold(Float16 a, Float16 b);
-template <> inline Float16 fold<0>(Float16 a, Float16 b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+// One round of the reduction: the lanes of a and b folded into one vector, each half of a group of
+// 2g lanes (g = 8 >> Round) the pairwise sums of one operand's lanes there, a's first.
+constexpr int fold_lane(int round, int lane, bool upper) {
+  const int g = 8 >> round, group = lane / (2 * g), within = lane % (2 * g);
+  return (within < g ? within : 16 + within - g) + group * 2 * g + (upper ? g : 0);
 }
-template <> inline Float16 fold<1>(Float16 a, Float16 b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+template <int Round, bool Upper, size_t... Lane>
+inline Float16 fold_half(Float16 a, Float16 b, std::index_sequence<Lane...>) {
+  return __builtin_shufflevector(a, b, fold_lane(Round, Lane, Upper)...);
 }
-template <> inline Float16 fold<2>(Float16 a, Float16 b) {
-  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-}
-template <> inline Float16 fold<3>(Float16 a, Float16 b) {
-  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+template <int Round> inline Float16 fold(Float16 a, Float16 b) {
+  return fold_half<Round, false>(a, b, std::make_index_sequence<16>()) +
+         fold_half<Round, true>(a, b, std::make_index_sequence<16>());
 }
 template <int Round> inline void fold_pairs(Float16* acc) {
   for (int i = 0; i < (8 >> Round); ++i) acc[i] = fold<Round>(acc[2 * i], acc[2 * i + 1]);
