@@ -13,9 +13,10 @@ Parts (all at 2 torch threads, float32):
   routers trained for 8 and 4 experts; calibration 32 x 512 tokens (the first windows of the
   protocol's calibration split).
 - ``decode``: one token through all 30 MLPs, dense vs MoEfied at 50 % and 25 % (interleaved medians).
-- ``distill``: the sample model MoEfied at 8 of 16 experts (50 %, least-squares router), then its
-  experts distilled from the dense model (KL from its next-token distribution on the calibration
-  split's 256-token windows); perplexity under the protocol before and after, the KL per step.
+- ``distill``: the sample model MoEfied at half of ``--distill-experts`` experts (50 %, least-squares
+  router), then its experts distilled from the dense model (KL from its next-token distribution on
+  the calibration split's 256-token windows; peak lr ``--distill-lr``, cosine decay); perplexity
+  under the protocol before and after, the KL per step.
 - ``upcycle``: the sample model upcycled (8 experts, top-2, every other block as in Switch), trained
   for a few steps with and without the load-balancing loss; loss curves and expert usage plotted.
 
@@ -145,12 +146,14 @@ def bench_distill(args, results: dict) -> None:
     model, tokenizer = sparsellm.load_model("sample")
     teacher = copy.deepcopy(model).eval()
     dense = perplexity(teacher, tokenizer, args.windows)
-    moefy(model, tokenizer, 16, 8, router_steps=0, nsamples=args.nsamples)
+    experts = args.distill_experts
+    moefy(model, tokenizer, experts, experts // 2, router_steps=0, nsamples=args.nsamples)
     before = perplexity(model, tokenizer, args.windows)
     log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr)
     kl = [s["task_loss"] for s in log.steps]
     results["distill"] = {
-        "top_k": 8, "experts": 16, "share": 0.5, "steps": args.distill_steps, "lr": args.distill_lr,
+        "top_k": experts // 2, "experts": experts, "share": 0.5, "steps": args.distill_steps, "lr": args.distill_lr,
+        "lr_schedule": "cosine",
         "tokens": log.tokens, "seconds": log.seconds, "dense_ppl": dense, "ppl_before": before,
         "ppl_after": perplexity(model, tokenizer, args.windows),
         "kl_first5": statistics.mean(kl[:5]), "kl_last5": statistics.mean(kl[-5:]), "kl": kl,
@@ -169,7 +172,7 @@ def _plot_distill(row: dict, folder: Path) -> None:
     smooth = [statistics.mean(row["kl"][max(0, i - 19) : i + 1]) for i in range(len(row["kl"]))]
     axis.plot(range(1, len(smooth) + 1), smooth, color="tab:blue", label="moving mean of 20")
     axis.set(xlabel="step", ylabel="KL from the dense model (nats per token)",
-             title=f"50 % MoEfied SmolLM2-135M, experts distilled: perplexity {row['ppl_before']:.1f} -> "
+             title=f"SmolLM2-135M, {row['top_k']} of {row['experts']} experts, distilled: perplexity {row['ppl_before']:.1f} -> "
                    f"{row['ppl_after']:.1f} (dense {row['dense_ppl']:.1f})")
     axis.title.set_fontsize(9)
     axis.legend()
@@ -216,7 +219,8 @@ def main() -> None:
     parser.add_argument("--train-seqlen", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--distill-steps", type=int, default=300)
-    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--distill-lr", type=float, default=3e-4, help="peak learning rate (cosine decay)")
+    parser.add_argument("--distill-experts", type=int, default=32, help="experts of the distilled model (half used)")
     parser.add_argument("--balance-weight", type=float, default=0.01)
     parser.add_argument("--windows", type=int, default=32, help="perplexity windows (protocol: 32)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "moe")
@@ -249,7 +253,7 @@ def main() -> None:
     if "distill" in args.parts:
         bench_distill(args, results)
         row = results["distill"]
-        print(f"distill: 8 of 16 experts, ppl {row['ppl_before']:.3f} -> {row['ppl_after']:.3f} after "
+        print(f"distill: {row['top_k']} of {row['experts']} experts, ppl {row['ppl_before']:.3f} -> {row['ppl_after']:.3f} after "
               f"{row['steps']} steps (dense {row['dense_ppl']:.3f})", flush=True)
     if "upcycle" in args.parts:
         bench_upcycle(args, results)

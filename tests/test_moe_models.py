@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,10 +211,17 @@ def test_distillation_from_the_dense_model_brings_the_moefied_model_back_towards
 
     before = divergence()
     log = train(student, tokenizer, steps=30, batch_size=2, seqlen=32, lr=3e-4, only_moe=True, teacher=teacher,
-                balance_weight=0.0, z_weight=0.0)
+                balance_weight=0.0, z_weight=0.0, lr_schedule="cosine")
     assert log.objective == "distillation"
+    cosine = [3e-5 + (3e-4 - 3e-5) * (1 + math.cos(math.pi * t / 29)) / 2 for t in range(30)]
+    assert [s["lr"] for s in log.steps] == pytest.approx(cosine, rel=1e-6)
     assert divergence() < 0.9 * before
     assert all(torch.equal(teacher.state_dict()[name], value) for name, value in teacher_state.items())
+
+
+def test_unknown_learning_rate_schedule_is_refused():
+    with pytest.raises(SparseLLMError, match="unknown learning-rate schedule 'linear'"):
+        train(make_model("llama"), make_tokenizer(), steps=1, lr_schedule="linear")
 
 
 def test_non_gated_families_are_refused_in_one_line():

@@ -33,7 +33,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="then train the experts this many steps to match the dense model (distillation "
                              "on the calibration split's windows; default 0: none)")
-    parser.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of the distillation")
+    parser.add_argument("--distill-lr", type=float, default=3e-4,
+                        help="peak learning rate of the distillation (cosine decay to a tenth of it)")
     parser.add_argument("--distill-batch-size", type=int, default=4, help="windows per distillation step")
     parser.add_argument("--distill-seqlen", type=int, default=256, help="tokens per distillation window")
     add_moe_common(parser)
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         if args.distill_steps:
             log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
                                   batch_size=args.distill_batch_size, seqlen=args.distill_seqlen, data=args.calib)
-            metadata["distillation"] = log.to_dict() | {"lr": args.distill_lr}
+            metadata["distillation"] = log.to_dict() | {"lr": args.distill_lr, "lr_schedule": "cosine"}
             lines.append(f"distilled the experts from the dense model: {len(log.steps)} steps in {log.seconds:.0f} s, "
                          f"KL {log.steps[0]['task_loss']:.3f} -> {log.steps[-1]['task_loss']:.3f}")
         return metadata, lines

@@ -26,6 +26,8 @@ from ...training.distill import distillation_loss, next_token_loss
 from .layer import load_balancing_loss, router_z_loss
 from .modeling import moe_layers
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 def router_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(load-balancing loss, z-loss) of the model's last forward pass, averaged over its MoE layers."""
@@ -64,15 +66,19 @@ class TrainLog:
 
 def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: int = 100, batch_size: int = 4,
           seqlen: int = 256, lr: float = 1e-4, balance_weight: float = 0.01, z_weight: float = 0.001,
-          only_moe: bool = False, teacher: nn.Module | None = None, seed: int = 0) -> TrainLog:
+          only_moe: bool = False, teacher: nn.Module | None = None, seed: int = 0,
+          lr_schedule: str = "constant") -> TrainLog:
     """Train ``model`` in place with AdamW on windows of the calibration split of ``data``.
 
     Windows are drawn without replacement in a seeded order (cycling when they run out); the
     evaluation split is never seen. ``only_moe`` trains the routers and experts alone; a ``teacher``
-    makes the task loss distillation from it (see the module's docstring).
+    makes the task loss distillation from it (see the module's docstring). ``lr_schedule``:
+    ``constant``, or ``cosine`` (from ``lr`` down to a tenth of it at the last step).
     """
     if steps < 1 or batch_size < 1:
         raise SparseLLMError("steps and batch size must be at least 1")
+    if lr_schedule not in LR_SCHEDULES:
+        raise SparseLLMError(f"unknown learning-rate schedule {lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
     if not moe_layers(model):
         raise SparseLLMError("the model has no MoE layers to train")
     check_context(model, seqlen)
@@ -88,6 +94,8 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
     for name, param in model.named_parameters():
         param.requires_grad_(trainable[name])
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps - 1, 1), eta_min=lr / 10)
+                if lr_schedule == "cosine" else None)
     log = TrainLog(balance_weight, z_weight, "lm" if teacher is None else "distillation")
     device = model.get_input_embeddings().weight.device
     started = time.perf_counter()
@@ -107,12 +115,15 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        step_lr = optimizer.param_groups[0]["lr"]
+        if schedule is not None:
+            schedule.step()
         counts = expert_counts(model)
         log.usage = counts if log.usage is None else log.usage + counts
         log.tokens += batch.numel()
         log.steps.append({"step": step + 1, "loss": loss.item(), "task_loss": task_loss.item(),
                           "balance_loss": balance.item(), "z_loss": z_loss.item(),
-                          "seconds": round(time.perf_counter() - started, 2)})
+                          "lr": step_lr, "seconds": round(time.perf_counter() - started, 2)})
         bar.set_postfix(task=f"{task_loss.item():.3f}", balance=f"{balance.item():.3f}")
     model.eval()
     for name, param in model.named_parameters():
@@ -124,14 +135,16 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
     return log
 
 
-def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: int, lr: float = 1e-4,
-                    batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", seed: int = 0) -> TrainLog:
+def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: int, lr: float = 3e-4,
+                    batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", seed: int = 0,
+                    lr_schedule: str = "cosine") -> TrainLog:
     """Train a MoEfied model's experts to give back the dense ``teacher``'s next-token distribution:
     the recovery step after MoEfication. The aux losses are off (the routers were fitted to the
     experts' outputs, not to balance), and with MoEfication's unweighted sum of experts no gradient
-    reaches the routers: their choices stay as fitted."""
+    reaches the routers: their choices stay as fitted. The default peak rate and cosine decay were
+    chosen on the sample model at 8 of 16 experts (docs/BENCHMARKS.md)."""
     return train(model, tokenizer, data=data, steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr,
-                 balance_weight=0.0, z_weight=0.0, only_moe=True, teacher=teacher, seed=seed)
+                 balance_weight=0.0, z_weight=0.0, only_moe=True, teacher=teacher, seed=seed, lr_schedule=lr_schedule)
 
 
 def plot_training(runs: dict[str, TrainLog], folder: str | Path) -> list[Path]:
