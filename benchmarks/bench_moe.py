@@ -152,8 +152,8 @@ def bench_distill(args, results: dict) -> None:
     log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr)
     kl = [s["task_loss"] for s in log.steps]
     results["distill"] = {
-        "top_k": experts // 2, "experts": experts, "share": 0.5, "steps": args.distill_steps, "lr": args.distill_lr,
-        "lr_schedule": "cosine",
+        "top_k": experts // 2, "experts": experts, "share": 0.5, "steps": args.distill_steps, "lr": log.lr,
+        "lr_schedule": log.lr_schedule,
         "tokens": log.tokens, "seconds": log.seconds, "dense_ppl": dense, "ppl_before": before,
         "ppl_after": perplexity(model, tokenizer, args.windows),
         "kl_first5": statistics.mean(kl[:5]), "kl_last5": statistics.mean(kl[-5:]), "kl": kl,

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         if args.distill_steps:
             log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
                                   batch_size=args.distill_batch_size, seqlen=args.distill_seqlen, data=args.calib)
-            metadata["distillation"] = log.to_dict() | {"lr": args.distill_lr, "lr_schedule": "cosine"}
+            metadata["distillation"] = log.to_dict()
             lines.append(f"distilled the experts from the dense model: {len(log.steps)} steps in {log.seconds:.0f} s, "
                          f"KL {log.steps[0]['task_loss']:.3f} -> {log.steps[-1]['task_loss']:.3f}")
         return metadata, lines

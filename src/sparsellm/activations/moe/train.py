@@ -46,12 +46,14 @@ def expert_counts(model: nn.Module) -> torch.Tensor:
 
 @dataclass
 class TrainLog:
-    """Per step: total loss, task loss (``objective``: ``lm`` or ``distillation``), balance and z-loss;
-    and expert usage summed over all steps."""
+    """Per step: total loss, task loss (``objective``: ``lm`` or ``distillation``), balance and z-loss,
+    learning rate; and expert usage summed over all steps."""
 
     balance_weight: float
     z_weight: float
     objective: str = "lm"
+    lr: float = 0.0  # the peak rate
+    lr_schedule: str = "constant"
     steps: list[dict] = field(default_factory=list)
     usage: torch.Tensor | None = None  # (MoE layers, E) assignments served
     tokens: int = 0
@@ -59,7 +61,7 @@ class TrainLog:
 
     def to_dict(self) -> dict:
         return {"balance_weight": self.balance_weight, "z_weight": self.z_weight, "objective": self.objective,
-                "steps": self.steps,
+                "lr": self.lr, "lr_schedule": self.lr_schedule, "steps": self.steps,
                 "usage": self.usage.tolist() if self.usage is not None else None, "tokens": self.tokens,
                 "seconds": round(self.seconds, 2)}
 
@@ -96,7 +98,7 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps - 1, 1), eta_min=lr / 10)
                 if lr_schedule == "cosine" else None)
-    log = TrainLog(balance_weight, z_weight, "lm" if teacher is None else "distillation")
+    log = TrainLog(balance_weight, z_weight, "lm" if teacher is None else "distillation", lr, lr_schedule)
     device = model.get_input_embeddings().weight.device
     started = time.perf_counter()
     model.train()
