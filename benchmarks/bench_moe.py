@@ -8,14 +8,16 @@ Parts (all at 2 torch threads, float32):
 - ``layer``: tokens/s of an MoE layer (E = 8, top-1, 256 tokens per call, dropless) against dense
   gated MLPs with the same active parameters (one expert's width) and the same total parameters
   (8 experts' width); the three run interleaved, ratio of medians.
-- ``moefy``: the sample model MoEfied into 16 experts; perplexity under the protocol at 16, 8 and 4
+- ``moefy``: the sample model MoEfied into 16 experts (dense down projections, so that one
+  conversion serves every k); perplexity under the protocol at 16, 8 and 4
   experts per token (100 / 50 / 25 % of the MLP neurons) with the least-squares router, and with
   routers trained for 8 and 4 experts; calibration 32 x 512 tokens (the first windows of the
   protocol's calibration split).
 - ``decode``: one token through all 30 MLPs, dense vs MoEfied at 50 % and 25 % (interleaved medians).
 - ``distill``: the sample model MoEfied at half of ``--distill-experts`` experts (50 %, least-squares
-  router), then its experts distilled from the dense model (KL from its next-token distribution on
-  the calibration split's 256-token windows; peak lr ``--distill-lr``, cosine decay); perplexity
+  router, the experts' down projections refitted to the dense output unless ``--no-refit-down``),
+  then its experts distilled from the dense model (KL from its next-token distribution on the
+  calibration split's 256-token windows; peak lr ``--distill-lr``, cosine decay); perplexity
   under the protocol before and after, the KL per step.
 - ``upcycle``: the sample model upcycled (8 experts, top-2, every other block as in Switch), trained
   for a few steps with and without the load-balancing loss; loss curves and expert usage plotted.
@@ -94,7 +96,7 @@ def bench_moefy(args, results: dict) -> None:
     results["dense_ppl"] = perplexity(model, tokenizer, args.windows)
     rows = results.setdefault("moefy", [])
     untrained = copy.deepcopy(model)
-    report = moefy(untrained, tokenizer, 16, 4, router_steps=0, nsamples=args.nsamples)
+    report = moefy(untrained, tokenizer, 16, 4, router_steps=0, refit_down=False, nsamples=args.nsamples)
     decode_stacks = {"dense": dense_mlps}
     for top_k in (16, 12, 8, 4):
         set_top_k(untrained, top_k)
@@ -104,7 +106,8 @@ def bench_moefy(args, results: dict) -> None:
     del untrained
     for top_k in (8, 4):
         trained = copy.deepcopy(model)
-        report = moefy(trained, tokenizer, 16, top_k, router_steps=args.router_steps, nsamples=args.nsamples)
+        report = moefy(trained, tokenizer, 16, top_k, router_steps=args.router_steps, refit_down=False,
+                       nsamples=args.nsamples)
         rows.append({"router": f"trained ({args.router_steps} steps)", "top_k": top_k, "share": top_k / 16,
                      "ppl": perplexity(trained, tokenizer, args.windows), "moefy_seconds": report.seconds,
                      "router_recall": _mean_recall(report)})
@@ -147,12 +150,12 @@ def bench_distill(args, results: dict) -> None:
     teacher = copy.deepcopy(model).eval()
     dense = perplexity(teacher, tokenizer, args.windows)
     experts = args.distill_experts
-    moefy(model, tokenizer, experts, experts // 2, router_steps=0, nsamples=args.nsamples)
+    moefy(model, tokenizer, experts, experts // 2, router_steps=0, refit_down=args.refit_down, nsamples=args.nsamples)
     before = perplexity(model, tokenizer, args.windows)
     log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr)
     kl = [s["task_loss"] for s in log.steps]
     results["distill"] = {
-        "top_k": experts // 2, "experts": experts, "share": 0.5, "steps": args.distill_steps, "lr": log.lr,
+        "top_k": experts // 2, "experts": experts, "refit_down": args.refit_down, "share": 0.5, "steps": args.distill_steps, "lr": log.lr,
         "lr_schedule": log.lr_schedule,
         "tokens": log.tokens, "seconds": log.seconds, "dense_ppl": dense, "ppl_before": before,
         "ppl_after": perplexity(model, tokenizer, args.windows),
@@ -221,6 +224,8 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-lr", type=float, default=3e-4, help="peak learning rate (cosine decay)")
     parser.add_argument("--distill-experts", type=int, default=32, help="experts of the distilled model (half used)")
+    parser.add_argument("--no-refit-down", dest="refit_down", action="store_false",
+                        help="distill part: keep the dense down projections (default: refit by least squares)")
     parser.add_argument("--balance-weight", type=float, default=0.01)
     parser.add_argument("--windows", type=int, default=32, help="perplexity windows (protocol: 32)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "moe")

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_moe_distill_probe.py --steps 40     # ~30 min here
 
-MoEfies SmolLM2-135M at 8 of 16 experts (least-squares routers, 32 x 512 calibration tokens), then
+MoEfies SmolLM2-135M at 8 of 16 experts (least-squares routers, dense down projections as at the
+stop that ran it, 32 x 512 calibration tokens), then
 from that same starting point trains ``--steps`` steps of distillation (KL from the dense model,
 4 x 256 tokens per step, the same seeded windows for every setting, constant learning rate) with:
 the experts alone at lr 3e-4 and 1e-3, every parameter at 3e-4; and, MoEfied at 16 of 32 experts
@@ -37,13 +38,13 @@ def main() -> None:
         return statistics.mean(s["task_loss"] for s in log.steps[-10:])
 
     start = copy.deepcopy(model)
-    moefy(start, tokenizer, 16, 8, router_steps=0, nsamples=32)
+    moefy(start, tokenizer, 16, 8, router_steps=0, refit_down=False, nsamples=32)
     for label, lr, only_moe in (("experts, lr 3e-4", 3e-4, True), ("experts, lr 1e-3", 1e-3, True),
                                 ("all parameters, lr 3e-4", 3e-4, False)):
         print(f"8 of 16 experts, {label}: KL of the last 10 steps {last_kl(copy.deepcopy(start), lr, only_moe):.3f}",
               flush=True)
     del start
-    moefy(model, tokenizer, 32, 16, router_steps=0, nsamples=32)
+    moefy(model, tokenizer, 32, 16, router_steps=0, refit_down=False, nsamples=32)
     print(f"16 of 32 experts: perplexity before training {perplexity(model, tokenizer, max_windows=32).perplexity:.2f}",
           flush=True)
     print(f"16 of 32 experts, experts, lr 3e-4: KL of the last 10 steps {last_kl(model, 3e-4, True):.3f}", flush=True)

@@ -12,7 +12,13 @@ import torch
 
 from sparsellm import checkpoint
 from sparsellm.activations.moe import load_balancing_loss, moe_layers, router_z_loss, set_top_k, upcycle
-from sparsellm.activations.moe.moefy import balanced_assignment, balanced_kmeans, fit_router, moefy
+from sparsellm.activations.moe.moefy import (
+    balanced_assignment,
+    balanced_kmeans,
+    fit_down_projections,
+    fit_router,
+    moefy,
+)
 from sparsellm.activations.moe.train import plot_training, router_losses, train
 from sparsellm.activations.moe.upcycle import moe_block_indices
 from sparsellm.cli import main
@@ -85,6 +91,40 @@ def test_router_training_learns_top_k_labels():
     assert 0.8 < untrained < trained - 0.03
 
 
+def test_down_projections_are_the_least_squares_fit_of_the_chosen_experts():
+    """Against a brute-force least squares: the design matrix written out token by token, each token's
+    unchosen experts' activations zeroed; and with every expert chosen the dense down weights come back."""
+    generator = torch.Generator().manual_seed(0)
+    tokens_, hidden, experts, size = 300, 6, 4, 3
+    activations = torch.randn(tokens_, experts * size, generator=generator)
+    groups = torch.randperm(experts * size, generator=generator).view(experts, size)
+    down = torch.randn(hidden, experts * size, generator=generator)
+    targets = activations @ down.t()
+    chosen = torch.stack([torch.randperm(experts, generator=generator)[:2] for _ in range(tokens_)])
+    fitted = fit_down_projections(activations, chosen, groups, targets, ridge=0.0)
+    design = torch.zeros(tokens_, experts * size, dtype=torch.float64)
+    for t in range(tokens_):
+        for e in chosen[t].tolist():
+            design[t, e * size:(e + 1) * size] = activations[t, groups[e]].double()
+    expected = torch.linalg.lstsq(design, targets.double()).solution.float()  # (E * size, H), experts in order
+    torch.testing.assert_close(fitted, expected.view(experts, size, hidden).transpose(1, 2), rtol=1e-4, atol=1e-4)
+    residual = lambda d: (design.float() @ d.transpose(1, 2).reshape(-1, hidden) - targets).norm()  # noqa: E731
+    assert residual(fitted) < residual(torch.stack([down[:, g] for g in groups]))
+    everyone = torch.arange(experts).expand(tokens_, experts)
+    torch.testing.assert_close(fit_down_projections(activations, everyone, groups, targets, ridge=0.0),
+                               torch.stack([down[:, g] for g in groups]), rtol=1e-4, atol=1e-4)
+
+
+def test_refitted_down_projections_bring_the_moefied_model_closer_to_the_dense_one():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    refitted = copy.deepcopy(model)
+    plain = moefy(model, tokenizer, num_experts=4, top_k=2, nsamples=4, seqlen=32, refit_down=False)
+    refit = moefy(refitted, tokenizer, num_experts=4, top_k=2, nsamples=4, seqlen=32)
+    assert refit.refit_down and not plain.refit_down
+    for before, after in zip(plain.layers, refit.layers, strict=True):
+        assert after.relative_error < before.relative_error
+
+
 @pytest.mark.parametrize("arch", GATED)
 def test_moefied_model_with_all_experts_is_the_dense_model(arch):
     model, tokenizer = make_model(arch), make_tokenizer(arch == "gemma3")
@@ -108,7 +148,7 @@ def test_moefied_routing_is_deterministic_and_partial_routing_approximates(tmp_p
     model, tokenizer = make_model("llama"), make_tokenizer()
     ids = tokens(1)
     dense = logits(model, ids)
-    moefy(model, tokenizer, num_experts=4, top_k=2, nsamples=4, seqlen=32)
+    moefy(model, tokenizer, num_experts=4, top_k=2, nsamples=4, seqlen=32, refit_down=False)  # dense down weights
     first = logits(model, ids)
     chosen = [layer.last_routing.experts.clone() for layer in moe_layers(model).values()]
     assert torch.equal(logits(model, ids), first)
@@ -116,7 +156,7 @@ def test_moefied_routing_is_deterministic_and_partial_routing_approximates(tmp_p
                                                                               strict=True))
     assert not torch.allclose(first, dense)  # half the neurons per token: an approximation
     again = make_model("llama")
-    moefy(again, tokenizer, num_experts=4, top_k=2, nsamples=4, seqlen=32)
+    moefy(again, tokenizer, num_experts=4, top_k=2, nsamples=4, seqlen=32, refit_down=False)
     assert torch.equal(logits(again, ids), first)  # the conversion itself is deterministic too
     set_top_k(model, 4)
     torch.testing.assert_close(logits(model, ids), dense, rtol=1e-4, atol=1e-4)

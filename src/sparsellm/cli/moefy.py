@@ -30,6 +30,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--router-steps", type=int, default=0,
                         help="Adam steps per block that train the router to pick each token's best experts")
     parser.add_argument("--router-lr", type=float, default=1e-3, help="router training learning rate")
+    parser.add_argument("--no-refit-down", dest="refit_down", action="store_false",
+                        help="keep the dense down projections (default: refit them by least squares so that each "
+                             "token's chosen experts add up to the dense MLP's output on the calibration tokens)")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="then train the experts this many steps to match the dense model (distillation "
                              "on the calibration split's windows; default 0: none)")
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         teacher = copy.deepcopy(model).eval() if args.distill_steps else None  # the dense model, kept
         report = moefy(model, tokenizer, args.experts, args.top_k, cluster=args.cluster,
                        router_steps=args.router_steps, router_lr=args.router_lr,
-                       capacity_factor=args.capacity_factor, calib=args.calib, nsamples=args.nsamples,
+                       refit_down=args.refit_down, capacity_factor=args.capacity_factor, calib=args.calib, nsamples=args.nsamples,
                        seqlen=args.seqlen, batch_size=args.batch_size, device=args.device, seed=args.seed)
         recall = sum(layer.router_recall for layer in report.layers) / len(report.layers)
         lines = [f"MoEfied {len(moe_layers(model))} MLPs into {args.experts} experts of "

@@ -17,7 +17,14 @@ Block by block (the shared engine, so each block calibrates on the MoEfied block
 4. fit the router (a linear layer with bias) to these scores by least squares on the token
    statistics X^T X and X^T S (closed form), then, with ``router_steps``, train it for that many
    Adam steps to predict each token's k best experts (binary cross-entropy on the top-k labels,
-   as in MoEfication's learned router). The experts' outputs add up unweighted (``ones``).
+   as in MoEfication's learned router). The experts' outputs add up unweighted (``ones``);
+5. with ``refit_down`` (the default; skipped when every expert runs), refit the experts' down projections by least squares so that the k chosen
+   experts' outputs add up to the dense MLP's output on the calibration tokens: the dropped
+   neurons' contribution, where it correlates with the kept ones', is folded into their weights.
+   With the routing fixed the MoE output is linear in the down weights, ``D (A * M)`` for the
+   activations A masked by each token's chosen experts M, so the best D is a ridge regression on
+   an F x F Gram matrix (closed form, as the router's). The refitted weights are fitted for k:
+   raising k later (``set_top_k``) no longer gives the dense model back.
 """
 
 from __future__ import annotations
@@ -138,6 +145,23 @@ def fit_router(inputs: torch.Tensor, scores: torch.Tensor, top_k: int, steps: in
     return weight, bias
 
 
+def fit_down_projections(activations: torch.Tensor, chosen: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor,
+               ridge: float = 1e-3) -> torch.Tensor:
+    """Down projections (E, H, F/E) minimising ``||sum over chosen e of down_e a_e(x) - y(x)||^2`` over tokens.
+
+    ``activations`` (tokens, F) are the dense MLP's intermediate activations, ``chosen`` (tokens, k)
+    each token's experts, ``groups`` (E, F/E) the experts' neurons, ``targets`` (tokens, H) the dense
+    output. Ridge-regularised by ``ridge`` x the Gram matrix's mean diagonal.
+    """
+    experts, size = groups.shape
+    routed = torch.zeros(activations.shape[0], experts).scatter_(1, chosen, 1.0)
+    masked = activations[:, groups.flatten()] * routed.repeat_interleave(size, dim=1)
+    gram = (masked.t() @ masked).double()
+    gram.diagonal().add_(ridge * gram.diagonal().mean())
+    solution = torch.linalg.solve(gram, (masked.t() @ targets).double()).float()  # (F, H)
+    return solution.view(experts, size, -1).transpose(1, 2).contiguous()
+
+
 @dataclass
 class MoEfyLayer:
     name: str
@@ -155,6 +179,7 @@ class MoEfyReport:
     top_k: int
     cluster: str
     router_steps: int
+    refit_down: bool
     moe: dict
     calibration: dict
     layers: list[MoEfyLayer] = field(default_factory=list)
@@ -171,7 +196,8 @@ class MoEfyReport:
 
 @torch.no_grad()
 def moefy(model, tokenizer, num_experts: int = 16, top_k: int = 4, *, cluster: str = "coactivation",
-          router_steps: int = 0, router_lr: float = 1e-3, capacity_factor: float | None = None,
+          router_steps: int = 0, router_lr: float = 1e-3, refit_down: bool = True,
+          capacity_factor: float | None = None,
           calib: str | Text = "builtin", nsamples: int = 32, seqlen: int = 512, batch_size: int = 8,
           device: str | None = None, seed: int = 0) -> MoEfyReport:
     """MoEfy every gated MLP of ``model`` in place into ``num_experts`` experts, ``top_k`` per token."""
@@ -195,8 +221,8 @@ def moefy(model, tokenizer, num_experts: int = 16, top_k: int = 4, *, cluster: s
                 raise SparseLLMError(f"the MLP's {intermediate} neurons do not split into {num_experts} equal experts")
             moe_config = MoEConfig(num_experts, intermediate // num_experts, top_k, capacity_factor, "ones",
                                    activation=mlp_activation(model.config, mlp), router_bias=True)
-            report = MoEfyReport("moefy", num_experts, top_k, cluster, router_steps, moe_config.to_dict(),
-                                 calibration)
+            report = MoEfyReport("moefy", num_experts, top_k, cluster, router_steps, refit_down and top_k < num_experts,
+                                 moe_config.to_dict(), calibration)
         recorder = step.collect(lambda name, module: TokenRecorder(), {f"{step.name}.mlp.gate_proj": mlp.gate_proj})
         inputs = next(iter(recorder.values())).tokens()
         gate, up, down = (p.weight.detach().float().cpu() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
@@ -213,10 +239,13 @@ def moefy(model, tokenizer, num_experts: int = 16, top_k: int = 4, *, cluster: s
             torch.stack([down[:, group] for group in groups]).to(where, dtype),
             bias.to(where, dtype),
         ).train(mlp.training)  # in the mode of the MLP it replaces (inference picks the kernels by it)
+        chosen = layer.route(inputs.to(where, dtype)).experts.cpu()
+        if refit_down and top_k < num_experts:
+            down_proj = fit_down_projections(activations, chosen, groups, activations @ down.t())
+            layer.experts.down_proj.data.copy_(down_proj.to(where, dtype))
         probe = inputs[:2048]
         dense_out = mlp(probe.to(where, dtype)).float().cpu()
         moe_out = layer(probe.to(where, dtype)).float().cpu()
-        chosen = layer.route(inputs.to(where, dtype)).experts.cpu()
         best = scores.topk(top_k, dim=1).indices
         recall = (chosen.unsqueeze(2) == best.unsqueeze(1)).any(dim=2).float().mean().item()
         step.block.mlp = layer
