@@ -55,79 +55,96 @@ __attribute__((target_clones("avx512f", "arch=haswell", "default"))) float dot(c
   return sum;
 }
 
-// The tile of moe_tokens: 3 token rows (a) against 8 weight rows (b), `depth` columns of each, one
-// vector accumulator of 16 lanes per dot product. The reduction takes them 16 at a time and pairs
-// them (halves, quarters, ...), so that four rounds of two shuffles and an add leave the 16 sums in
-// one vector, the sum of accumulator i in lane bitreverse4(i). 3 x 8 measured 5-10 % faster than
-// 2 x 8 (fewer loads per FMA); 4 x 6 the same, 2 x 12 slower.
+// The tile of moe_tokens: 3 token rows (a) against `Rows` weight rows (b), `depth` columns of each,
+// one vector accumulator per dot product. The reduction takes them a vector's lanes at a time and
+// pairs them (halves, quarters, ...), so that log2(lanes) rounds of two shuffles and an add leave
+// that many sums in one vector, the sum of accumulator i in lane bitreverse(i). On AVX-512 a tile is
+// 3 x 8 in 16-lane vectors (3 x 8 measured 5-10 % faster than 2 x 8: fewer loads per FMA; 4 x 6 the
+// same, 2 x 12 slower). AVX2 has 16 vector registers, not 32: there the 8 rows run as two tiles of
+// 3 x 4 in 8-lane vectors (12 accumulators, 3 token vectors and one weight vector); the 3 x 8 tile
+// in 8-lane halves spilled, at a tenth of a dense MLP's speed on a Zen 3.
 using Float16 = float __attribute__((vector_size(64)));
 constexpr int kTileTokens = 3, kTileRows = 8;
 constexpr int64_t kDepth = 768;  // columns per pass: a tile's 8 weight rows (24 KiB) stay in L1
-constexpr int kLaneOf[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};  // bitreverse4
-// Where accumulator i's sum lands in res: its group of 16, at its reduced lane.
-constexpr int lane_of(int i) { return i / 16 * 16 + kLaneOf[i % 16]; }
 
-inline Float16 load16(const float* p) {
-  Float16 v;
+template <typename Vec> constexpr int kLanes = sizeof(Vec) / sizeof(float);
+constexpr int log2_of(int n) { return n > 1 ? 1 + log2_of(n / 2) : 0; }
+constexpr int reverse_bits(int value, int bits) {
+  int reversed = 0;
+  for (int b = 0; b < bits; ++b) reversed |= ((value >> b) & 1) << (bits - 1 - b);
+  return reversed;
+}
+// Where accumulator i's sum lands after the reduction: its group of `Lanes`, at its reduced lane.
+template <int Lanes> constexpr int lane_of(int i) { return i / Lanes * Lanes + reverse_bits(i % Lanes, log2_of(Lanes)); }
+
+template <typename Vec> inline Vec load(const float* p) {
+  Vec v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
 // One round of the reduction: the lanes of a and b folded into one vector, each half of a group of
-// 2g lanes (g = 8 >> Round) the pairwise sums of one operand's lanes there, a's first.
-constexpr int fold_lane(int round, int lane, bool upper) {
-  const int g = 8 >> round, group = lane / (2 * g), within = lane % (2 * g);
-  return (within < g ? within : 16 + within - g) + group * 2 * g + (upper ? g : 0);
+// 2g lanes (g = lanes / 2 >> Round) the pairwise sums of one operand's lanes there, a's first.
+constexpr int fold_lane(int lanes, int round, int lane, bool upper) {
+  const int g = (lanes / 2) >> round, group = lane / (2 * g), within = lane % (2 * g);
+  return (within < g ? within : lanes + within - g) + group * 2 * g + (upper ? g : 0);
 }
-template <int Round, bool Upper, size_t... Lane>
-inline Float16 fold_half(Float16 a, Float16 b, std::index_sequence<Lane...>) {
-  return __builtin_shufflevector(a, b, fold_lane(Round, Lane, Upper)...);
+template <int Round, bool Upper, typename Vec, size_t... Lane>
+inline Vec fold_half(Vec a, Vec b, std::index_sequence<Lane...>) {
+  return __builtin_shufflevector(a, b, fold_lane(kLanes<Vec>, Round, Lane, Upper)...);
 }
-template <int Round> inline Float16 fold(Float16 a, Float16 b) {
-  return fold_half<Round, false>(a, b, std::make_index_sequence<16>()) +
-         fold_half<Round, true>(a, b, std::make_index_sequence<16>());
+template <int Round, typename Vec> inline Vec fold(Vec a, Vec b) {
+  constexpr auto lanes = std::make_index_sequence<kLanes<Vec>>();
+  return fold_half<Round, false>(a, b, lanes) + fold_half<Round, true>(a, b, lanes);
 }
-template <int Round> inline void fold_pairs(Float16* acc) {
-  for (int i = 0; i < (8 >> Round); ++i) acc[i] = fold<Round>(acc[2 * i], acc[2 * i + 1]);
+// acc[0] = the sums of acc[0 .. lanes), in reduced lane order.
+template <int Round = 0, typename Vec> inline void reduce(Vec* acc) {
+  if constexpr ((kLanes<Vec> / 2 >> Round) >= 1) {
+    for (int i = 0; i < (kLanes<Vec> / 2 >> Round); ++i) acc[i] = fold<Round>(acc[2 * i], acc[2 * i + 1]);
+    reduce<Round + 1>(acc);
+  }
 }
 
-// res (kTileTokens vectors of 8 sums, each vector the reduction's lane order: sums 8m..8m+7 and
-// zeros or the next token's) = the dot products of each a[m] with the 8 rows b. `ahead`, if set, is
-// prefetched along (one line per 16 columns). PinWeights (AVX-512 only: it needs the vector in one
-// register) keeps each weight vector in a register for its FMAs: left alone, GCC folds the load into
-// every one, and 18 loads per 16 FMAs halved the 2-token tile's speed (71 -> 149 GFLOP/s on one
-// core, operands in L1).
-template <bool PinWeights>
+// sums[m * kTileRows + r] += a[m] . b[r] for m < tokens (the a[m] past them repeat the last), r <
+// Rows. `ahead`, if set, is prefetched along (one line per 16 columns). PinWeights keeps each weight
+// vector in a register for its FMAs: left alone, GCC folds the load into every one, and 18 loads per
+// 16 FMAs halved the 2-token tile's speed on AVX-512 (71 -> 149 GFLOP/s on one core, operands in L1).
+template <typename Vec, int Rows, bool PinWeights>
 inline __attribute__((always_inline)) void tile_dots(const float* const* a, const float* const* b, int64_t depth,
-                                                     const float* ahead, float* res) {
-  constexpr int kSlots = (kTileTokens * kTileRows + 15) / 16 * 16;
-  Float16 acc[kSlots] = {};
-  const int64_t whole = depth & ~int64_t{15};
-  for (int64_t k = 0; k < whole; k += 16) {
-    if (ahead) __builtin_prefetch(ahead + k, 0, 2);  // to L2: L1 holds this tile's rows
-    Float16 x[kTileTokens];
-    for (int m = 0; m < kTileTokens; ++m) x[m] = load16(a[m] + k);
-    for (int r = 0; r < kTileRows; ++r) {
-      Float16 w = load16(b[r] + k);
-      if constexpr (PinWeights) asm("" : "+v"(w));
-      for (int m = 0; m < kTileTokens; ++m) acc[m * kTileRows + r] += x[m] * w;
+                                                     const float* ahead, int64_t tokens, float* sums) {
+  constexpr int lanes = kLanes<Vec>, count = kTileTokens * Rows, slots = (count + lanes - 1) / lanes * lanes;
+  Vec acc[slots] = {};
+  const int64_t whole = depth & ~int64_t{lanes - 1};
+  for (int64_t k = 0; k < whole; k += lanes) {
+    if (ahead && k % 16 == 0) __builtin_prefetch(ahead + k, 0, 2);  // to L2: L1 holds this tile's rows
+    Vec x[kTileTokens];
+    for (int m = 0; m < kTileTokens; ++m) x[m] = load<Vec>(a[m] + k);
+    for (int r = 0; r < Rows; ++r) {
+      Vec w = load<Vec>(b[r] + k);
+      if constexpr (PinWeights && lanes == 16) asm("" : "+v"(w));
+      if constexpr (PinWeights && lanes == 8) asm("" : "+x"(w));
+      for (int m = 0; m < kTileTokens; ++m) acc[m * Rows + r] += x[m] * w;
     }
   }
-  for (int v = 0; v < kSlots; v += 16) {
-    fold_pairs<0>(acc + v), fold_pairs<1>(acc + v), fold_pairs<2>(acc + v), fold_pairs<3>(acc + v);
-    std::memcpy(res + v, &acc[v], sizeof acc[v]);
+  float reduced[slots];
+  for (int v = 0; v < slots; v += lanes) {
+    reduce(acc + v);
+    std::memcpy(reduced + v, &acc[v], sizeof acc[v]);
   }
-  for (int64_t k = whole; k < depth; ++k)  // the last < 16 columns
-    for (int m = 0; m < kTileTokens; ++m)
-      for (int r = 0; r < kTileRows; ++r) res[lane_of(m * kTileRows + r)] += a[m][k] * b[r][k];
+  for (int m = 0; m < tokens; ++m)
+    for (int r = 0; r < Rows; ++r) {
+      float sum = reduced[lane_of<lanes>(m * Rows + r)];
+      for (int64_t k = whole; k < depth; ++k) sum += a[m][k] * b[r][k];  // the last < `lanes` columns
+      sums[m * kTileRows + r] += sum;
+    }
 }
 
 // sums[i * 8 + r] += rows[index[i]] . b[r] for i < count, with `ld` floats between rows: the
 // columns in even passes of at most kDepth, within a pass the tokens kTileTokens at a time against
-// the same 8 rows (a short last group repeats its last token, the copies dropped). With so few
-// tokens per expert the weights take as long to arrive from memory as to multiply: the 8 rows `next`
-// (the caller's next tile, or null) are prefetched meanwhile, a row per group of tokens.
-template <bool PinWeights>
+// the same 8 rows (`Rows` at a time). With so few tokens per expert the weights take as long to
+// arrive from memory as to multiply: the 8 rows `next` (the caller's next tile, or null) are
+// prefetched meanwhile, a row per group of tokens.
+template <typename Vec, int Rows, bool PinWeights>
 inline __attribute__((always_inline)) void tile_products(const float* rows, int64_t ld, const int64_t* index,
                                                          int64_t count, const float* const* b, int64_t depth,
                                                          const float* const* next, float* sums) {
@@ -140,11 +157,10 @@ inline __attribute__((always_inline)) void tile_products(const float* rows, int6
       const int64_t group = std::min<int64_t>(kTileTokens, count - i);
       const float* a[kTileTokens];
       for (int m = 0; m < kTileTokens; ++m) a[m] = rows + index[i + std::min<int64_t>(m, group - 1)] * ld + k0;
-      float res[(kTileTokens * kTileRows + 15) / 16 * 16];
       const float* ahead = next ? next[(i / kTileTokens) % kTileRows] + k0 : nullptr;
-      tile_dots<PinWeights>(a, part, columns, ahead, res);
-      for (int m = 0; m < group; ++m)
-        for (int r = 0; r < kTileRows; ++r) sums[(i + m) * kTileRows + r] += res[lane_of(m * kTileRows + r)];
+      for (int r0 = 0; r0 < kTileRows; r0 += Rows)
+        tile_dots<Vec, Rows, PinWeights>(a, part + r0, columns, r0 == 0 ? ahead : nullptr, group,
+                                         sums + i * kTileRows + r0);
     }
   }
 }
@@ -152,12 +168,17 @@ inline __attribute__((always_inline)) void tile_products(const float* rows, int6
 __attribute__((target("avx512f"))) void tile_products_avx512(const float* rows, int64_t ld, const int64_t* index,
                                                              int64_t count, const float* const* b, int64_t depth,
                                                              const float* const* next, float* sums) {
-  tile_products<true>(rows, ld, index, count, b, depth, next, sums);
+  tile_products<Float16, kTileRows, true>(rows, ld, index, count, b, depth, next, sums);
 }
-__attribute__((target_clones("arch=haswell", "default"))) void tile_products_portable(
-    const float* rows, int64_t ld, const int64_t* index, int64_t count, const float* const* b, int64_t depth,
-    const float* const* next, float* sums) {
-  tile_products<false>(rows, ld, index, count, b, depth, next, sums);
+__attribute__((target("avx2,fma"))) void tile_products_avx2(const float* rows, int64_t ld, const int64_t* index,
+                                                            int64_t count, const float* const* b, int64_t depth,
+                                                            const float* const* next, float* sums) {
+  tile_products<Float8, kTileRows / 2, true>(rows, ld, index, count, b, depth, next, sums);
+}
+// CPUs without AVX2: correct, not tuned (each 8-lane vector is two SSE registers).
+void tile_products_plain(const float* rows, int64_t ld, const int64_t* index, int64_t count, const float* const* b,
+                         int64_t depth, const float* const* next, float* sums) {
+  tile_products<Float8, kTileRows / 2, false>(rows, ld, index, count, b, depth, next, sums);
 }
 
 enum Weighting : int64_t { kSoftmax = 0, kNormalized = 1, kOnes = 2 };  // layer.py's WEIGHTINGS, in order
@@ -250,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_token
 // Tokens routed by the caller through a layer's experts: x (N, H); experts (N, k) int64, -1 where an
 // assignment was dropped; weights (N, k); gate_up (E, 2F, H), down (E, H, F); all float32.
 // Returns y (N, H), y[t] = sum over t's kept assignments j of weights[t, j] * expert_j(x[t]).
-// allow_avx512 = false runs the AVX2 / plain build of the tiles on any CPU (tests force it).
+// allow_avx512 = false runs the AVX2 (or, without it, plain) build of the tiles (tests force it).
 at::Tensor moe_tokens(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
                       const at::Tensor& gate_up, const at::Tensor& down, bool allow_avx512) {
   if (!is_f32(x) || !is_f32(weights) || !is_f32(gate_up) || !is_f32(down) || x.dim() != 2 || gate_up.dim() != 3 ||
@@ -280,8 +301,10 @@ at::Tensor moe_tokens(const at::Tensor& x, const at::Tensor& experts, const at::
     if (chosen[i] >= 0) token_of[cursor[chosen[i]]] = i / top_k, scale_of[cursor[chosen[i]]++] = weight[i];
 
   __builtin_cpu_init();
-  const auto tile_products_here =
-      allow_avx512 && __builtin_cpu_supports("avx512f") ? tile_products_avx512 : tile_products_portable;
+  const auto tile_products_here = allow_avx512 && __builtin_cpu_supports("avx512f") ? tile_products_avx512
+                                  : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                                      ? tile_products_avx2
+                                      : tile_products_plain;
   const float* input = x.data_ptr<float>();
   const float* up_rows = gate_up.data_ptr<float>();
   const float* down_rows = down.data_ptr<float>();
