@@ -18,8 +18,8 @@ Block by block (the shared engine, so each block calibrates on the MoEfied block
    statistics X^T X and X^T S (closed form), then, with ``router_steps``, train it for that many
    Adam steps to predict each token's k best experts (binary cross-entropy on the top-k labels,
    as in MoEfication's learned router). The experts' outputs add up unweighted (``ones``);
-5. with ``refit_down`` (the default; skipped when every expert runs), refit the experts' down projections by least squares so that the k chosen
-   experts' outputs add up to the dense MLP's output on the calibration tokens: the dropped
+5. with ``refit_down`` (the default; nothing to refit when every expert runs), refit the experts'
+   down projections by least squares so that the k chosen experts' outputs add up to the dense MLP's output on the calibration tokens: the dropped
    neurons' contribution, where it correlates with the kept ones', is folded into their weights.
    With the routing fixed the MoE output is linear in the down weights, ``D (A * M)`` for the
    activations A masked by each token's chosen experts M, so the best D is a ridge regression on
@@ -145,8 +145,8 @@ def fit_router(inputs: torch.Tensor, scores: torch.Tensor, top_k: int, steps: in
     return weight, bias
 
 
-def fit_down_projections(activations: torch.Tensor, chosen: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor,
-               ridge: float = 1e-3) -> torch.Tensor:
+def fit_down_projections(activations: torch.Tensor, chosen: torch.Tensor, groups: torch.Tensor,
+                         targets: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
     """Down projections (E, H, F/E) minimising ``||sum over chosen e of down_e a_e(x) - y(x)||^2`` over tokens.
 
     ``activations`` (tokens, F) are the dense MLP's intermediate activations, ``chosen`` (tokens, k)
@@ -208,6 +208,7 @@ def moefy(model, tokenizer, num_experts: int = 16, top_k: int = 4, *, cluster: s
         raise SparseLLMError(f"unknown clustering '{cluster}': use one of {', '.join(CLUSTERINGS)}")
     if router_steps < 0:
         raise SparseLLMError(f"router steps must be non-negative, got {router_steps}")
+    refit_down = refit_down and top_k < num_experts
     windows, calibration = calibration_windows(model, tokenizer, calib, nsamples, seqlen)
     moe_config = None
     layers: list[int] = []
@@ -221,7 +222,7 @@ def moefy(model, tokenizer, num_experts: int = 16, top_k: int = 4, *, cluster: s
                 raise SparseLLMError(f"the MLP's {intermediate} neurons do not split into {num_experts} equal experts")
             moe_config = MoEConfig(num_experts, intermediate // num_experts, top_k, capacity_factor, "ones",
                                    activation=mlp_activation(model.config, mlp), router_bias=True)
-            report = MoEfyReport("moefy", num_experts, top_k, cluster, router_steps, refit_down and top_k < num_experts,
+            report = MoEfyReport("moefy", num_experts, top_k, cluster, router_steps, refit_down,
                                  moe_config.to_dict(), calibration)
         recorder = step.collect(lambda name, module: TokenRecorder(), {f"{step.name}.mlp.gate_proj": mlp.gate_proj})
         inputs = next(iter(recorder.values())).tokens()
@@ -240,7 +241,7 @@ def moefy(model, tokenizer, num_experts: int = 16, top_k: int = 4, *, cluster: s
             bias.to(where, dtype),
         ).train(mlp.training)  # in the mode of the MLP it replaces (inference picks the kernels by it)
         chosen = layer.route(inputs.to(where, dtype)).experts.cpu()
-        if refit_down and top_k < num_experts:
+        if refit_down:
             down_proj = fit_down_projections(activations, chosen, groups, activations @ down.t())
             layer.experts.down_proj.data.copy_(down_proj.to(where, dtype))
         probe = inputs[:2048]
