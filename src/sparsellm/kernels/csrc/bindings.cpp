@@ -299,10 +299,18 @@ void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, in
 // The dense path for many tokens (prefill): decode a block of rows at a time into a buffer that
 // stays in cache and multiply it with the BLAS GEMM. The matrix is never dense in memory as a
 // whole. Input-major layouts give y = x W (rows = inputs), row-major y = x W^T. The GEMM runs in
-// bfloat16 only when inputs and weights are bfloat16 already: rounding other values would change them.
+// bfloat16 only when inputs and weights are bfloat16 already (rounding other values would change
+// them) and the CPU has bfloat16 dot products (AVX512_BF16; the Xeons with AMX have it): without
+// them torch's bfloat16 GEMM ran 5x slower than float32 (Zen 3, 64 x 4096 x 4096: 110 vs 21 ms).
+bool has_bf16_dot_products() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+}
+
 at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, int64_t block_bytes) {
   const Weights& w = h.w;
-  const auto dtype = x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
+  static const bool bf16_gemm = has_bf16_dot_products();
+  const auto dtype = bf16_gemm && x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
   const int64_t width = w.input_major ? w.rows : w.cols;
   // x goes to the GEMM as it is when nothing needs doing (in the GEMM's dtype, no padding, no
   // threshold): prepare's fp32 round trip cost as much as the product on a 512-token prefill.
