@@ -150,13 +150,14 @@ def bench_distill(args, results: dict) -> None:
     teacher = copy.deepcopy(model).eval()
     dense = perplexity(teacher, tokenizer, args.windows)
     experts = args.distill_experts
-    moefy(model, tokenizer, experts, experts // 2, router_steps=0, refit_down=args.refit_down, nsamples=args.nsamples)
+    moefy(model, tokenizer, experts, experts // 2, router_steps=0, refit_down=args.refit_down,
+          nsamples=args.nsamples)
     before = perplexity(model, tokenizer, args.windows)
     log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr)
     kl = [s["task_loss"] for s in log.steps]
     results["distill"] = {
-        "top_k": experts // 2, "experts": experts, "refit_down": args.refit_down, "share": 0.5, "steps": args.distill_steps, "lr": log.lr,
-        "lr_schedule": log.lr_schedule,
+        "top_k": experts // 2, "experts": experts, "refit_down": args.refit_down, "share": 0.5,
+        "steps": args.distill_steps, "lr": log.lr, "lr_schedule": log.lr_schedule,
         "tokens": log.tokens, "seconds": log.seconds, "dense_ppl": dense, "ppl_before": before,
         "ppl_after": perplexity(model, tokenizer, args.windows),
         "kl_first5": statistics.mean(kl[:5]), "kl_last5": statistics.mean(kl[-5:]), "kl": kl,

@@ -96,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         teacher = copy.deepcopy(model).eval() if args.distill_steps else None  # the dense model, kept
         report = moefy(model, tokenizer, args.experts, args.top_k, cluster=args.cluster,
                        router_steps=args.router_steps, router_lr=args.router_lr,
-                       refit_down=args.refit_down, capacity_factor=args.capacity_factor, calib=args.calib, nsamples=args.nsamples,
-                       seqlen=args.seqlen, batch_size=args.batch_size, device=args.device, seed=args.seed)
+                       refit_down=args.refit_down, capacity_factor=args.capacity_factor, calib=args.calib,
+                       nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
+                       device=args.device, seed=args.seed)
         recall = sum(layer.router_recall for layer in report.layers) / len(report.layers)
         lines = [f"MoEfied {len(moe_layers(model))} MLPs into {args.experts} experts of "
                  f"{report.moe['expert_size']} neurons, top-{args.top_k} per token: a token runs "

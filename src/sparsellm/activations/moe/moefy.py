@@ -19,8 +19,9 @@ Block by block (the shared engine, so each block calibrates on the MoEfied block
    Adam steps to predict each token's k best experts (binary cross-entropy on the top-k labels,
    as in MoEfication's learned router). The experts' outputs add up unweighted (``ones``);
 5. with ``refit_down`` (the default; nothing to refit when every expert runs), refit the experts'
-   down projections by least squares so that the k chosen experts' outputs add up to the dense MLP's output on the calibration tokens: the dropped
-   neurons' contribution, where it correlates with the kept ones', is folded into their weights.
+   down projections by least squares so that the k chosen experts' outputs add up to the dense
+   MLP's output on the calibration tokens: the dropped neurons' contribution, where it correlates
+   with the kept ones', is folded into their weights.
    With the routing fixed the MoE output is linear in the down weights, ``D (A * M)`` for the
    activations A masked by each token's chosen experts M, so the best D is a ridge regression on
    an F x F Gram matrix (closed form, as the router's). The refitted weights are fitted for k:
