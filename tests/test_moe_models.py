@@ -19,10 +19,16 @@ from sparsellm.activations.moe.moefy import (
     fit_router,
     moefy,
 )
-from sparsellm.activations.moe.train import plot_training, router_losses, train
+from sparsellm.activations.moe.train import (
+    PROMPT_TOKENS,
+    distill_experts,
+    plot_training,
+    router_losses,
+    train,
+)
 from sparsellm.activations.moe.upcycle import moe_block_indices
 from sparsellm.cli import main
-from sparsellm.data import load_text, token_windows
+from sparsellm.data import Text, load_text, token_windows
 from sparsellm.errors import SparseLLMError
 from sparsellm.models import decoder_blocks, linear_layers, load_model
 from tiny import make_model, make_tokenizer
@@ -257,6 +263,29 @@ def test_distillation_from_the_dense_model_brings_the_moefied_model_back_towards
     assert [s["lr"] for s in log.steps] == pytest.approx(cosine, rel=1e-6)
     assert divergence() < 0.9 * before
     assert all(torch.equal(teacher.state_dict()[name], value) for name, value in teacher_state.items())
+
+
+def test_distillation_trains_on_the_calibration_windows_and_the_teachers_continuations_of_them():
+    """Every window of one pass is either a calibration window or the teacher's continuation of a
+    calibration window's first tokens, and each appears once."""
+    teacher, tokenizer = make_model("llama"), make_tokenizer()
+    student = copy.deepcopy(teacher)
+    moefy(student, tokenizer, num_experts=4, top_k=2, nsamples=2, seqlen=32)
+    text = Text("short", "calibration", load_text("builtin", "calibration").text[:1500])
+    calibration = token_windows(tokenizer, text, 32)
+    seen = []
+    hook = student.get_input_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    count = len(calibration)
+    distill_experts(student, teacher, tokenizer, steps=count, batch_size=2, seqlen=32, data=text,
+                    teacher_windows=count)
+    hook.remove()
+    rows = torch.cat(seen)
+    assert rows.shape == (2 * count, 32)
+    is_calibration = (rows[:, None] == calibration[None]).all(-1).any(-1)
+    assert is_calibration.sum().item() == count and len(rows.unique(dim=0)) == 2 * count
+    written = rows[~is_calibration]
+    prefixes = {tuple(row[:PROMPT_TOKENS].tolist()) for row in calibration}
+    assert {tuple(row[:PROMPT_TOKENS].tolist()) for row in written} == prefixes
 
 
 def test_unknown_learning_rate_schedule_is_refused():

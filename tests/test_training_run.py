@@ -14,6 +14,7 @@ import torch
 
 import sparsellm
 from sparsellm.cli import main
+from sparsellm.errors import SparseLLMError
 from sparsellm.training import checkpoints
 from sparsellm.training.distill import distillation_loss, generate_windows
 from sparsellm.training.trainer import TrainingWindows
@@ -104,6 +105,19 @@ def test_teacher_writes_the_same_windows_from_the_same_seed(tokenizer):
     prompt = tokenizer("def ").input_ids
     assert first[0, : len(prompt)].tolist() == prompt and first[2, : len(tokenizer("The").input_ids)].tolist() == \
         tokenizer("The").input_ids
+
+
+def test_teacher_continues_token_prompts_row_by_row(tokenizer):
+    from tiny import make_model
+
+    teacher = make_model("llama")
+    prompts = torch.randint(3, 300, (3, 5), generator=torch.Generator().manual_seed(0))
+    windows = generate_windows(teacher, tokenizer, 7, 16, prompts=prompts, seed=1, batch_size=4)
+    assert windows.shape == (7, 16)
+    assert torch.equal(windows[:, :5], prompts[torch.arange(7) % 3])
+    assert torch.equal(windows, generate_windows(teacher, tokenizer, 7, 16, prompts=prompts, seed=1, batch_size=4))
+    with pytest.raises(SparseLLMError, match="a prompt of 5 tokens is not shorter than the sequence length 5"):
+        generate_windows(teacher, tokenizer, 1, 5, prompts=prompts)
 
 
 def test_distillation_loss_against_explicit_sums():

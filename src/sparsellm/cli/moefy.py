@@ -40,6 +40,9 @@ def add_parser(commands) -> None:
                         help="peak learning rate of the distillation (cosine decay to a tenth of it)")
     parser.add_argument("--distill-batch-size", type=int, default=4, help="windows per distillation step")
     parser.add_argument("--distill-seqlen", type=int, default=256, help="tokens per distillation window")
+    parser.add_argument("--distill-teacher-windows", type=int, default=0,
+                        help="windows the dense model writes to distil on, besides the calibration text "
+                             "(continuations of its windows' first tokens; more text, less overfitting on long runs)")
     add_moe_common(parser)
     parser.add_argument("--calib", default="builtin",
                         help="calibration text: builtin, a .txt file or folder, or a datasets name (online)")
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         metadata = report.to_dict()
         if args.distill_steps:
             log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
-                                  batch_size=args.distill_batch_size, seqlen=args.distill_seqlen, data=args.calib)
+                                  batch_size=args.distill_batch_size, seqlen=args.distill_seqlen, data=args.calib,
+                                  teacher_windows=args.distill_teacher_windows)
             metadata["distillation"] = log.to_dict()
             lines.append(f"distilled the experts from the dense model: {len(log.steps)} steps in {log.seconds:.0f} s, "
                          f"KL {log.steps[0]['task_loss']:.3f} -> {log.steps[-1]['task_loss']:.3f}")

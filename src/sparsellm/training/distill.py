@@ -44,21 +44,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 @torch.no_grad()
-def generate_windows(teacher, tokenizer, count: int, seqlen: int, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
-                     seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+def generate_windows(teacher, tokenizer, count: int, seqlen: int,
+                     prompts: tuple[str, ...] | torch.Tensor = DEFAULT_PROMPTS, seed: int = 0,
+                     batch_size: int = 8) -> torch.Tensor:
     """``count`` windows of ``seqlen`` tokens sampled from the teacher, each a prompt and its continuation.
 
-    Prompts are taken in turn; sampling uses its own seeded RNG, so the same call gives the same
-    windows. Shape (count, seqlen), with BOS first when the tokenizer uses one.
+    ``prompts``: strings, taken in turn, one per batch of ``batch_size`` continuations; or token ids
+    (P, L), window i continuing row i mod P (so a batch holds many prompts). Sampling uses its own
+    seeded RNG, so the same call gives the same windows. Shape (count, seqlen), with BOS first when
+    the tokenizer uses one and the prompts are strings.
     """
     if count < 1:
         raise SparseLLMError(f"the number of generated windows must be at least 1, got {count}")
-    if not prompts:
+    if len(prompts) == 0:
         raise SparseLLMError("teacher-generated data needs at least one prompt")
-    encoded = [tokenizer(prompt, return_tensors="pt").input_ids[0] for prompt in prompts]
-    too_long = [prompt for prompt, ids in zip(prompts, encoded, strict=True) if len(ids) >= seqlen]
-    if too_long:
-        raise SparseLLMError(f"prompt {too_long[0]!r} is not shorter than the sequence length {seqlen}")
+    encoded = prompts if isinstance(prompts, torch.Tensor) else \
+        [tokenizer(prompt, return_tensors="pt").input_ids[0] for prompt in prompts]
+    longest = max(len(ids) for ids in encoded)
+    if longest >= seqlen:
+        raise SparseLLMError(f"a prompt of {longest} tokens is not shorter than the sequence length {seqlen}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = teacher.training
     teacher.eval()
@@ -68,12 +72,15 @@ def generate_windows(teacher, tokenizer, count: int, seqlen: int, prompts: tuple
         torch.manual_seed(seed)
         bar = progress(total=count, desc="teacher writes", unit="window")
         while len(windows) < count:
-            prompt = encoded[len(windows) // batch_size % len(encoded)]
             batch = min(batch_size, count - len(windows))
-            new_tokens = seqlen - len(prompt)
+            if isinstance(encoded, torch.Tensor):
+                input_ids = encoded[torch.arange(len(windows), len(windows) + batch) % len(encoded)]
+            else:
+                prompt = encoded[len(windows) // batch_size % len(encoded)]
+                input_ids = prompt.unsqueeze(0).expand(batch, -1)
+            new_tokens = seqlen - input_ids.shape[1]
             output = teacher.generate(
-                input_ids=prompt.unsqueeze(0).expand(batch, -1).to(device),
-                attention_mask=torch.ones(batch, len(prompt), dtype=torch.long, device=device),
+                input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids, device=device),
                 do_sample=True, top_k=0, **SAMPLING, max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, pad_token_id=pad,
             )

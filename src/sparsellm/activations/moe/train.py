@@ -22,11 +22,12 @@ from torch import nn
 from ...data import Text, check_context, load_text, token_windows
 from ...errors import SparseLLMError
 from ...logging_utils import logger, progress
-from ...training.distill import distillation_loss, next_token_loss
+from ...training.distill import distillation_loss, generate_windows, next_token_loss
 from .layer import load_balancing_loss, router_z_loss
 from .modeling import moe_layers
 
 LR_SCHEDULES = ("constant", "cosine")
+PROMPT_TOKENS = 16  # of a calibration window, continued by the teacher in distill_experts
 
 
 def router_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +67,12 @@ class TrainLog:
                 "seconds": round(self.seconds, 2)}
 
 
-def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: int = 100, batch_size: int = 4,
+def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "builtin", steps: int = 100, batch_size: int = 4,
           seqlen: int = 256, lr: float = 1e-4, balance_weight: float = 0.01, z_weight: float = 0.001,
           only_moe: bool = False, teacher: nn.Module | None = None, seed: int = 0,
           lr_schedule: str = "constant") -> TrainLog:
-    """Train ``model`` in place with AdamW on windows of the calibration split of ``data``.
+    """Train ``model`` in place with AdamW on windows of the calibration split of ``data`` (or on
+    ``data``'s rows, when it is a tensor of token windows; ``seqlen`` is then their length).
 
     Windows are drawn without replacement in a seeded order (cycling when they run out); the
     evaluation split is never seen. ``only_moe`` trains the routers and experts alone; a ``teacher``
@@ -83,9 +85,12 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
         raise SparseLLMError(f"unknown learning-rate schedule {lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
     if not moe_layers(model):
         raise SparseLLMError("the model has no MoE layers to train")
-    check_context(model, seqlen)
-    text = data if isinstance(data, Text) else load_text(data, "calibration")
-    windows = token_windows(tokenizer, text, seqlen)
+    if isinstance(data, torch.Tensor):
+        windows = data
+    else:
+        text = data if isinstance(data, Text) else load_text(data, "calibration")
+        windows = token_windows(tokenizer, text, seqlen)
+    check_context(model, windows.shape[1])
     generator = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(windows), generator=generator)
                        for _ in range(-(-steps * batch_size // len(windows)))])
@@ -138,15 +143,28 @@ def train(model: nn.Module, tokenizer, *, data: str | Text = "builtin", steps: i
 
 
 def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: int, lr: float = 3e-4,
-                    batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", seed: int = 0,
-                    lr_schedule: str = "cosine") -> TrainLog:
+                    batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", teacher_windows: int = 0,
+                    seed: int = 0, lr_schedule: str = "cosine") -> TrainLog:
     """Train a MoEfied model's experts to give back the dense ``teacher``'s next-token distribution:
     the recovery step after MoEfication. The aux losses are off (the routers were fitted to the
     experts' outputs, not to balance), and with MoEfication's unweighted sum of experts no gradient
     reaches the routers: their choices stay as fitted. The default peak rate and cosine decay were
-    chosen on the sample model at 8 of 16 experts (docs/BENCHMARKS.md)."""
-    return train(model, tokenizer, data=data, steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr,
-                 balance_weight=0.0, z_weight=0.0, only_moe=True, teacher=teacher, seed=seed, lr_schedule=lr_schedule)
+    chosen on the sample model at 8 of 16 experts (docs/BENCHMARKS.md).
+
+    The windows are the calibration split's, plus ``teacher_windows`` that the teacher writes, each
+    continuing the first ``PROMPT_TOKENS`` tokens of a calibration window: text in the corpus's
+    register, and as much of it as a long run needs (the split alone is seen many times over, and
+    the student then fits it rather than the teacher).
+    """
+    text = data if isinstance(data, Text) else load_text(data, "calibration")
+    windows = token_windows(tokenizer, text, seqlen)
+    if teacher_windows:
+        on_gpu = teacher.get_input_embeddings().weight.device.type == "cuda"
+        written = generate_windows(teacher, tokenizer, teacher_windows, seqlen, windows[:, :PROMPT_TOKENS], seed=seed,
+                                   batch_size=256 if on_gpu else 8)  # a GPU writes a batch at the cost of one window
+        windows = torch.cat([windows, written])
+    return train(model, tokenizer, data=windows, steps=steps, batch_size=batch_size, lr=lr, balance_weight=0.0,
+                 z_weight=0.0, only_moe=True, teacher=teacher, seed=seed, lr_schedule=lr_schedule)
 
 
 def plot_training(runs: dict[str, TrainLog], folder: str | Path) -> list[Path]:
