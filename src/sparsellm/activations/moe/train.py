@@ -161,7 +161,7 @@ def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: i
     if teacher_windows:
         on_gpu = teacher.get_input_embeddings().weight.device.type == "cuda"
         written = generate_windows(teacher, tokenizer, teacher_windows, seqlen, windows[:, :PROMPT_TOKENS], seed=seed,
-                                   batch_size=256 if on_gpu else 8)  # a GPU writes a batch at the cost of one window
+                                   batch_size=256 if on_gpu else 64)  # batched decoding: far cheaper per window
         windows = torch.cat([windows, written])
     return train(model, tokenizer, data=windows, steps=steps, batch_size=batch_size, lr=lr, balance_weight=0.0,
                  z_weight=0.0, only_moe=True, teacher=teacher, seed=seed, lr_schedule=lr_schedule)
