@@ -304,7 +304,7 @@ def test_cli_moefy_then_eval_and_upcycle(llama_folder, tmp_path, capsys):
     out = tmp_path / "moe"
     code = main(["moefy", "--model", str(llama_folder), "--experts", "4", "--top-k", "1", "--nsamples", "4",
                  "--seqlen", "32", "--router-steps", "20", "--distill-steps", "3", "--distill-batch-size", "1",
-                 "--distill-seqlen", "32", "--measure-decode", "--output", str(out)])
+                 "--distill-seqlen", "32", "--distill-teacher-windows", "2", "--measure-decode", "--output", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "a token runs 25.0 % of each MLP's weights" in stdout and "decode MLP time per token" in stdout
@@ -312,6 +312,7 @@ def test_cli_moefy_then_eval_and_upcycle(llama_folder, tmp_path, capsys):
     metadata = json.loads((out / "sparsity.json").read_text())
     assert metadata["method"] == "moefy" and metadata["mlp_params_per_token_vs_dense"] == 0.25
     assert metadata["distillation"]["objective"] == "distillation" and len(metadata["distillation"]["steps"]) == 3
+    assert metadata["distillation"]["teacher_windows"] == 2
     assert len(metadata["layers"]) == 3 and metadata["decode_mlp"]["speedup"] > 0
     assert main(["eval", "--model", str(out), "--seqlen", "32", "--windows", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1

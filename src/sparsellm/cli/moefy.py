@@ -109,10 +109,14 @@ def run(args: argparse.Namespace) -> int:
                  f"in {report.seconds:.1f} s -> {args.output}"]
         metadata = report.to_dict()
         if args.distill_steps:
+            if args.device:  # the distillation runs where the blocks were computed; the rest on the CPU
+                model.to(args.device)
+                teacher.to(args.device)
             log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
                                   batch_size=args.distill_batch_size, seqlen=args.distill_seqlen, data=args.calib,
                                   teacher_windows=args.distill_teacher_windows)
-            metadata["distillation"] = log.to_dict()
+            metadata["distillation"] = log.to_dict() | {"teacher_windows": args.distill_teacher_windows}
+            model.to("cpu")
             lines.append(f"distilled the experts from the dense model: {len(log.steps)} steps in {log.seconds:.0f} s, "
                          f"KL {log.steps[0]['task_loss']:.3f} -> {log.steps[-1]['task_loss']:.3f}")
         return metadata, lines
