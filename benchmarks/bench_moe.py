@@ -158,6 +158,7 @@ def bench_distill(args, results: dict) -> None:
           nsamples=args.nsamples, device=args.device)
     model.to(args.device)
     before = perplexity(model, tokenizer, args.windows)
+    print(f"distill: dense ppl {dense:.3f}, MoEfied {before:.3f} before training", flush=True)
     log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
                           batch_size=args.distill_batch_size, teacher_windows=args.distill_teacher_windows)
     kl = [s["task_loss"] for s in log.steps]
@@ -217,6 +218,11 @@ def bench_upcycle(args, results: dict) -> None:
     plot_training(runs, args.output)
 
 
+def save(results: dict, path: Path) -> None:
+    """Write after every part, so a run cut short keeps what it measured."""
+    path.write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["layer", "moefy", "decode", "distill", "upcycle"],
@@ -243,6 +249,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32, help="perplexity windows (protocol: 32)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "moe")
     args = parser.parse_args()
+    sparsellm.logging_utils.configure()  # progress on stderr: a run on a lent GPU shows how far it got
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     # parts run separately add up in one results.json: a run replaces only the parts it ran
@@ -261,6 +268,7 @@ def main() -> None:
             print(f"layer H={row['hidden']} F={row['expert_width']}: MoE {row['tokens_per_s']['moe']:.0f} tok/s, "
                   f"{row['moe_vs_same_active']:.2f}x same-active dense, {row['moe_vs_same_total']:.2f}x same-total",
                   flush=True)
+        save(results, saved)
     if "moefy" in args.parts or "decode" in args.parts:
         bench_moefy(args, results)
         for row in results["moefy"]:
@@ -268,17 +276,18 @@ def main() -> None:
                   f"(dense {results['dense_ppl']:.3f})", flush=True)
         if "decode" in results:
             print("decode:", json.dumps(results["decode"]), flush=True)
+        save(results, saved)
     if "distill" in args.parts:
         bench_distill(args, results)
         row = results["distill"]
         print(f"distill: {row['top_k']} of {row['experts']} experts, ppl {row['ppl_before']:.3f} -> {row['ppl_after']:.3f} after "
               f"{row['steps']} steps (dense {row['dense_ppl']:.3f})", flush=True)
+        save(results, saved)
     if "upcycle" in args.parts:
         bench_upcycle(args, results)
         for row in results["upcycle"]:
             print("upcycle:", json.dumps(row), flush=True)
-    with open(args.output / "results.json", "w") as handle:
-        json.dump(results, handle, indent=2)
+        save(results, saved)
 
 
 if __name__ == "__main__":

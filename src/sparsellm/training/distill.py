@@ -89,7 +89,8 @@ def generate_windows(teacher, tokenizer, count: int, seqlen: int,
         bar.close()
     teacher.train(was_training)
     result = torch.stack(windows)
-    logger.info("the teacher wrote %d windows of %d tokens from %d prompts", count, seqlen, len(prompts))
+    used = min(len(encoded), count if isinstance(encoded, torch.Tensor) else -(-count // batch_size))
+    logger.info("the teacher wrote %d windows of %d tokens from %d prompts", count, seqlen, used)
     return result
 
 
