@@ -327,8 +327,8 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
 }
 
 // bfloat16 input-major rows of the three layouts (dense, bitmask, 2:4), decoded as row_panel_bf16
-// does, two active inputs per pass: the generic cursor was bound by its bookkeeping (50 % weights +
-// 50 % inputs ran slower than the dense input-major rows), and each y vector is loaded and stored
+// does, `kRows` active inputs per pass: the generic cursor was bound by its bookkeeping (50 % weights
+// + 50 % inputs ran slower than the dense input-major rows), and each y vector is loaded and stored
 // once per `kRows` rows instead of once per row.
 template <int F, int kRows>
 inline void input_major_rows_bf16(const Weights& w, const Batch& b, const int32_t* inputs, int64_t next_input) {
