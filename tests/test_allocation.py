@@ -99,8 +99,11 @@ def test_realize_prunes_exactly_the_budget(layers, target):
     assert all(0 <= c < s.numel for c, s in zip(counts, slots, strict=True))
 
 
+# From 10 weights a layer, ratios <= 0.9 never reach the cap (all but one weight of a layer): below
+# that the cap can bind (a 1-weight layer asked for half a weight prunes none) and the budget must go
+# elsewhere, so no layer-by-layer bound holds.
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.0, 0.9), st.integers(1, 5000)), min_size=2, max_size=12))
+@given(st.lists(st.tuples(st.floats(0.0, 0.9), st.integers(10, 5000)), min_size=2, max_size=12))
 def test_realize_keeps_each_layer_within_one_weight_of_ratios_that_meet_the_target(layers):
     slots = [LayerSlot(f"b{i}.l", f"b{i}", 1, size) for i, (_, size) in enumerate(layers)]
     target = sum(ratio * size for ratio, size in layers) / sum(size for _, size in layers)
