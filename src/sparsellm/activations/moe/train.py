@@ -67,6 +67,11 @@ class TrainLog:
                 "seconds": round(self.seconds, 2)}
 
 
+def calibration_windows(tokenizer, data: str | Text, seqlen: int) -> torch.Tensor:
+    """The calibration split of ``data`` (a corpus name or a Text) as windows of ``seqlen`` tokens."""
+    return token_windows(tokenizer, data if isinstance(data, Text) else load_text(data, "calibration"), seqlen)
+
+
 def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "builtin", steps: int = 100, batch_size: int = 4,
           seqlen: int = 256, lr: float = 1e-4, balance_weight: float = 0.01, z_weight: float = 0.001,
           only_moe: bool = False, teacher: nn.Module | None = None, seed: int = 0,
@@ -85,11 +90,7 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
         raise SparseLLMError(f"unknown learning-rate schedule {lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
     if not moe_layers(model):
         raise SparseLLMError("the model has no MoE layers to train")
-    if isinstance(data, torch.Tensor):
-        windows = data
-    else:
-        text = data if isinstance(data, Text) else load_text(data, "calibration")
-        windows = token_windows(tokenizer, text, seqlen)
+    windows = data if isinstance(data, torch.Tensor) else calibration_windows(tokenizer, data, seqlen)
     check_context(model, windows.shape[1])
     generator = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(windows), generator=generator)
@@ -156,8 +157,7 @@ def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: i
     register, and as much of it as a long run needs (the split alone is seen many times over, and
     the student then fits it rather than the teacher).
     """
-    text = data if isinstance(data, Text) else load_text(data, "calibration")
-    windows = token_windows(tokenizer, text, seqlen)
+    windows = calibration_windows(tokenizer, data, seqlen)
     if teacher_windows:
         on_gpu = teacher.get_input_embeddings().weight.device.type == "cuda"
         written = generate_windows(teacher, tokenizer, teacher_windows, seqlen, windows[:, :PROMPT_TOKENS], seed=seed,
