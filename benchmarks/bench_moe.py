@@ -150,6 +150,7 @@ def _plot_moefy(results: dict, folder: Path) -> None:
 def bench_distill(args, results: dict) -> None:
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")
+    started = time.perf_counter()
     model, tokenizer = sparsellm.load_model("sample")
     teacher = copy.deepcopy(model).eval().to(args.device)
     dense = perplexity(teacher, tokenizer, args.windows)
@@ -157,21 +158,27 @@ def bench_distill(args, results: dict) -> None:
     moefy(model, tokenizer, experts, experts // 2, router_steps=0, refit_down=args.refit_down,
           nsamples=args.nsamples, device=args.device)
     model.to(args.device)
+    evaluation_started = time.perf_counter()
     before = perplexity(model, tokenizer, args.windows)
+    evaluation_seconds = time.perf_counter() - evaluation_started
     print(f"distill: dense ppl {dense:.3f}, MoEfied {before:.3f} before training", flush=True)
+    time_limit = None
+    if args.distill_minutes:  # for the whole part: the training gets what is left after a reserve for the last evaluation
+        time_limit = 60 * args.distill_minutes - (time.perf_counter() - started) - 2 * evaluation_seconds - 10
     log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
-                          batch_size=args.distill_batch_size, teacher_windows=args.distill_teacher_windows)
+                          batch_size=args.distill_batch_size, teacher_windows=args.distill_teacher_windows,
+                          time_limit=time_limit)
     kl = [s["task_loss"] for s in log.steps]
     results["distill"] = {
         "top_k": experts // 2, "experts": experts, "refit_down": args.refit_down, "share": 0.5,
         "device": args.device, "teacher_windows": args.distill_teacher_windows,
-        "batch_size": args.distill_batch_size, "steps": args.distill_steps, "lr": log.lr,
+        "batch_size": args.distill_batch_size, "steps": len(log.steps), "steps_asked": args.distill_steps,
+        "minutes": args.distill_minutes, "lr": log.lr,
         "lr_schedule": log.lr_schedule,
         "tokens": log.tokens, "seconds": log.seconds, "dense_ppl": dense, "ppl_before": before,
         "ppl_after": perplexity(model, tokenizer, args.windows),
         "kl_first5": statistics.mean(kl[:5]), "kl_last5": statistics.mean(kl[-5:]), "kl": kl,
     }
-    _plot_distill(results["distill"], args.output)
 
 
 def _plot_distill(row: dict, folder: Path) -> None:
@@ -242,6 +249,9 @@ def main() -> None:
     parser.add_argument("--distill-batch-size", type=int, default=4, help="windows of 256 tokens per step")
     parser.add_argument("--distill-teacher-windows", type=int, default=0,
                         help="windows the dense model writes for the distillation, besides the calibration split")
+    parser.add_argument("--distill-minutes", type=float, default=None,
+                        help="cap the distill part's time (load, MoEfy, write, train, evaluate): the training "
+                             "plans as many of the steps as fit")
     parser.add_argument("--device", default="cpu", help="distill part: where to MoEfy, train and evaluate")
     parser.add_argument("--no-refit-down", dest="refit_down", action="store_false",
                         help="distill part: keep the dense down projections (default: refit by least squares)")
@@ -283,6 +293,7 @@ def main() -> None:
         print(f"distill: {row['top_k']} of {row['experts']} experts, ppl {row['ppl_before']:.3f} -> {row['ppl_after']:.3f} after "
               f"{row['steps']} steps (dense {row['dense_ppl']:.3f})", flush=True)
         save(results, saved)
+        _plot_distill(row, args.output)  # after the save: the numbers outlive a plotting failure
     if "upcycle" in args.parts:
         bench_upcycle(args, results)
         for row in results["upcycle"]:

@@ -1,11 +1,13 @@
 """Dense-to-MoE conversion (MoEfication, upcycling), saving and loading, training, and the CLI verbs."""
 
 import copy
+import importlib
 import json
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -265,6 +267,26 @@ def test_distillation_from_the_dense_model_brings_the_moefied_model_back_towards
     assert all(torch.equal(teacher.state_dict()[name], value) for name, value in teacher_state.items())
 
 
+def test_a_time_limit_plans_the_steps_that_fit_and_decays_the_rate_over_them(monkeypatch):
+    """Under a clock that moves 1 s per step, a 12.5 s limit fits 12 steps (the first 5 timed, 7 more
+    planned); from the sixth step the cosine follows that plan, down to a tenth of the peak at the
+    twelfth, not at the 30 asked for."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    moefy(model, tokenizer, num_experts=4, top_k=2, nsamples=2, seqlen=32)
+    clock = iter(range(1000))
+    moe_train = importlib.import_module("sparsellm.activations.moe.train")  # the package exports the function train
+    monkeypatch.setattr(moe_train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    log = train(model, tokenizer, steps=30, batch_size=1, seqlen=32, lr=3e-4, lr_schedule="cosine", time_limit=12.5)
+    assert log.planned_steps == 12 and len(log.steps) == 12
+    def cosine(t, steps):
+        return 3e-5 + (3e-4 - 3e-5) * (1 + math.cos(math.pi * t / (steps - 1))) / 2
+
+    planned = [cosine(t, 30) for t in range(5)] + [cosine(t, 12) for t in range(5, 12)]
+    assert [s["lr"] for s in log.steps] == pytest.approx(planned, rel=1e-6)
+    with pytest.raises(SparseLLMError, match="time limit must be positive"):
+        train(model, tokenizer, steps=3, time_limit=0)
+
+
 def test_distillation_trains_on_the_calibration_windows_and_the_teachers_continuations_of_them():
     """Every window of one pass is either a calibration window or the teacher's continuation of a
     calibration window's first tokens, and each appears once."""
@@ -304,7 +326,8 @@ def test_cli_moefy_then_eval_and_upcycle(llama_folder, tmp_path, capsys):
     out = tmp_path / "moe"
     code = main(["moefy", "--model", str(llama_folder), "--experts", "4", "--top-k", "1", "--nsamples", "4",
                  "--seqlen", "32", "--router-steps", "20", "--distill-steps", "3", "--distill-batch-size", "1",
-                 "--distill-seqlen", "32", "--distill-teacher-windows", "2", "--measure-decode", "--output", str(out)])
+                 "--distill-seqlen", "32", "--distill-teacher-windows", "2", "--distill-minutes", "10", "--measure-decode",
+                 "--output", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "a token runs 25.0 % of each MLP's weights" in stdout and "decode MLP time per token" in stdout
@@ -312,7 +335,7 @@ def test_cli_moefy_then_eval_and_upcycle(llama_folder, tmp_path, capsys):
     metadata = json.loads((out / "sparsity.json").read_text())
     assert metadata["method"] == "moefy" and metadata["mlp_params_per_token_vs_dense"] == 0.25
     assert metadata["distillation"]["objective"] == "distillation" and len(metadata["distillation"]["steps"]) == 3
-    assert metadata["distillation"]["teacher_windows"] == 2
+    assert metadata["distillation"]["teacher_windows"] == 2 and metadata["distillation"]["planned_steps"] == 3
     assert len(metadata["layers"]) == 3 and metadata["decode_mlp"]["speedup"] > 0
     assert main(["eval", "--model", str(out), "--seqlen", "32", "--windows", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1

@@ -76,17 +76,18 @@ def sample_model_path() -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         import gguf  # noqa: F401
     except ImportError as exc:
         raise SparseLLMError("loading a .gguf file needs the package gguf: pip install gguf") from exc
     kwargs = {"gguf_file": path.name}
+    # Releases with GgufConfig may keep weights packed unless told to dequantize; older ones always dequantize.
+    quantization = {"quantization_config": transformers.GgufConfig(dequantize=True)} if hasattr(transformers, "GgufConfig") else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, quantization_config=GgufConfig(dequantize=True), dtype=dtype, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **quantization, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     except (ValueError, KeyError, OSError) as exc:
         raise SparseLLMError(f"cannot load GGUF file {path}: {_first_line(exc)}") from exc

@@ -12,6 +12,7 @@ losses are the training package's.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from .modeling import moe_layers
 
 LR_SCHEDULES = ("constant", "cosine")
 PROMPT_TOKENS = 16  # of a calibration window, continued by the teacher in distill_experts
+PLANNING_STEPS = 5  # a time-limited run times the steps after the first (warm-up) of these, then plans
 
 
 def router_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +58,14 @@ class TrainLog:
     lr: float = 0.0  # the peak rate
     lr_schedule: str = "constant"
     steps: list[dict] = field(default_factory=list)
+    planned_steps: int = 0  # the steps asked for, or fewer where a time limit cut the plan
     usage: torch.Tensor | None = None  # (MoE layers, E) assignments served
     tokens: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"balance_weight": self.balance_weight, "z_weight": self.z_weight, "objective": self.objective,
-                "lr": self.lr, "lr_schedule": self.lr_schedule, "steps": self.steps,
+                "lr": self.lr, "lr_schedule": self.lr_schedule, "planned_steps": self.planned_steps, "steps": self.steps,
                 "usage": self.usage.tolist() if self.usage is not None else None, "tokens": self.tokens,
                 "seconds": round(self.seconds, 2)}
 
@@ -75,7 +78,7 @@ def calibration_windows(tokenizer, data: str | Text, seqlen: int) -> torch.Tenso
 def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "builtin", steps: int = 100, batch_size: int = 4,
           seqlen: int = 256, lr: float = 1e-4, balance_weight: float = 0.01, z_weight: float = 0.001,
           only_moe: bool = False, teacher: nn.Module | None = None, seed: int = 0,
-          lr_schedule: str = "constant") -> TrainLog:
+          lr_schedule: str = "constant", time_limit: float | None = None) -> TrainLog:
     """Train ``model`` in place with AdamW on windows of the calibration split of ``data`` (or on
     ``data``'s rows, when it is a tensor of token windows; ``seqlen`` is then their length).
 
@@ -83,6 +86,11 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
     evaluation split is never seen. ``only_moe`` trains the routers and experts alone; a ``teacher``
     makes the task loss distillation from it (see the module's docstring). ``lr_schedule``:
     ``constant``, or ``cosine`` (from ``lr`` down to a tenth of it at the last step).
+
+    ``time_limit`` (seconds) caps the run: the steps after the first of ``PLANNING_STEPS`` are timed,
+    the run is planned for as many steps as fit (at most ``steps``), and from there the cosine decays
+    over that plan, so a cut run still ends at the low rate rather than stopping midway; should the steps slow
+    down, the run stops at the first step that ends past the limit.
     """
     if steps < 1 or batch_size < 1:
         raise SparseLLMError("steps and batch size must be at least 1")
@@ -90,6 +98,8 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
         raise SparseLLMError(f"unknown learning-rate schedule {lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
     if not moe_layers(model):
         raise SparseLLMError("the model has no MoE layers to train")
+    if time_limit is not None and time_limit <= 0:
+        raise SparseLLMError(f"the time limit must be positive, got {time_limit} s")
     windows = data if isinstance(data, torch.Tensor) else calibration_windows(tokenizer, data, seqlen)
     check_context(model, windows.shape[1])
     generator = torch.Generator().manual_seed(seed)
@@ -102,14 +112,18 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
     for name, param in model.named_parameters():
         param.requires_grad_(trainable[name])
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps - 1, 1), eta_min=lr / 10)
-                if lr_schedule == "cosine" else None)
-    log = TrainLog(balance_weight, z_weight, "lm" if teacher is None else "distillation", lr, lr_schedule)
+    log = TrainLog(balance_weight, z_weight, "lm" if teacher is None else "distillation", lr, lr_schedule,
+                   planned_steps=steps)
     device = model.get_input_embeddings().weight.device
     started = time.perf_counter()
     model.train()
-    bar = progress(range(steps), desc="train", unit="step")
-    for step in bar:
+    bar = progress(total=steps, desc="train", unit="step")
+    step_ends = []  # seconds from the start, unrounded, for the time limit's plan
+    step = 0
+    while step < log.planned_steps:
+        step_lr = cosine_rate(lr, step, log.planned_steps) if lr_schedule == "cosine" else lr
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
         batch = windows[order[step * batch_size : (step + 1) * batch_size]].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         if teacher is None:
@@ -123,29 +137,45 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step_lr = optimizer.param_groups[0]["lr"]
-        if schedule is not None:
-            schedule.step()
         counts = expert_counts(model)
         log.usage = counts if log.usage is None else log.usage + counts
         log.tokens += batch.numel()
+        step_ends.append(time.perf_counter() - started)
         log.steps.append({"step": step + 1, "loss": loss.item(), "task_loss": task_loss.item(),
                           "balance_loss": balance.item(), "z_loss": z_loss.item(),
-                          "lr": step_lr, "seconds": round(time.perf_counter() - started, 2)})
+                          "lr": step_lr, "seconds": round(step_ends[-1], 2)})
+        bar.update()
         bar.set_postfix(task=f"{task_loss.item():.3f}", balance=f"{balance.item():.3f}")
+        step += 1
+        if time_limit is not None:
+            if step == PLANNING_STEPS:
+                per_step = (step_ends[-1] - step_ends[0]) / (step - 1)
+                fit = step + int((time_limit - step_ends[-1]) / max(per_step, 1e-9))
+                if fit < log.planned_steps:
+                    log.planned_steps = max(fit, step)
+                    bar.total = log.planned_steps
+                    logger.info("time limit %.0f s: planned %d of the %d steps", time_limit, log.planned_steps, steps)
+            if step_ends[-1] > time_limit:
+                break
+    bar.close()
     model.eval()
     for name, param in model.named_parameters():
         param.requires_grad_(was_trainable[name])
     log.seconds = time.perf_counter() - started
     logger.info("trained %d steps (%d tokens) in %.1f s: %s loss %.3f -> %.3f, balance loss %.3f -> %.3f",
-                steps, log.tokens, log.seconds, log.objective, log.steps[0]["task_loss"], log.steps[-1]["task_loss"],
+                len(log.steps), log.tokens, log.seconds, log.objective, log.steps[0]["task_loss"], log.steps[-1]["task_loss"],
                 log.steps[0]["balance_loss"], log.steps[-1]["balance_loss"])
     return log
 
 
+def cosine_rate(peak: float, step: int, steps: int) -> float:
+    """The rate at ``step`` (from 0) of a cosine decay from ``peak`` to a tenth of it at the last of ``steps``."""
+    return peak / 10 + (peak - peak / 10) * (1 + math.cos(math.pi * step / max(steps - 1, 1))) / 2
+
+
 def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: int, lr: float = 3e-4,
                     batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", teacher_windows: int = 0,
-                    seed: int = 0, lr_schedule: str = "cosine") -> TrainLog:
+                    seed: int = 0, lr_schedule: str = "cosine", time_limit: float | None = None) -> TrainLog:
     """Train a MoEfied model's experts to give back the dense ``teacher``'s next-token distribution:
     the recovery step after MoEfication. The aux losses are off (the routers were fitted to the
     experts' outputs, not to balance), and with MoEfication's unweighted sum of experts no gradient
@@ -155,7 +185,7 @@ def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: i
     The windows are the calibration split's, plus ``teacher_windows`` that the teacher writes, each
     continuing the first ``PROMPT_TOKENS`` tokens of a calibration window: text in the corpus's
     register, and as much of it as a long run needs (the split alone is seen many times over, and
-    the student then fits it rather than the teacher).
+    the student then fits it rather than the teacher). ``time_limit`` caps the training (see ``train``).
     """
     windows = calibration_windows(tokenizer, data, seqlen)
     if teacher_windows:
@@ -164,7 +194,8 @@ def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: i
                                    batch_size=256 if on_gpu else 64)  # batched decoding: far cheaper per window
         windows = torch.cat([windows, written])
     return train(model, tokenizer, data=windows, steps=steps, batch_size=batch_size, lr=lr, balance_weight=0.0,
-                 z_weight=0.0, only_moe=True, teacher=teacher, seed=seed, lr_schedule=lr_schedule)
+                 z_weight=0.0, only_moe=True, teacher=teacher, seed=seed, lr_schedule=lr_schedule,
+                 time_limit=time_limit)
 
 
 def plot_training(runs: dict[str, TrainLog], folder: str | Path) -> list[Path]:
