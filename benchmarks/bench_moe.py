@@ -250,8 +250,8 @@ def main() -> None:
     parser.add_argument("--distill-teacher-windows", type=int, default=0,
                         help="windows the dense model writes for the distillation, besides the calibration split")
     parser.add_argument("--distill-minutes", type=float, default=None,
-                        help="cap the distill part's time (load, MoEfy, write, train, evaluate): the training "
-                             "plans as many of the steps as fit")
+                        help="cap the distill part's time, from its start (load, MoEfy, write, train, evaluate; "
+                             "not the interpreter's start-up): the training plans as many of the steps as fit")
     parser.add_argument("--device", default="cpu", help="distill part: where to MoEfy, train and evaluate")
     parser.add_argument("--no-refit-down", dest="refit_down", action="store_false",
                         help="distill part: keep the dense down projections (default: refit by least squares)")

@@ -268,7 +268,7 @@ def test_distillation_from_the_dense_model_brings_the_moefied_model_back_towards
 
 
 def test_a_time_limit_plans_the_steps_that_fit_and_decays_the_rate_over_them(monkeypatch):
-    """Under a clock that moves 1 s per step, a 12.5 s limit fits 12 steps (the first 5 timed, 7 more
+    """Under a clock that moves 1 s per reading, a 12.5 s limit fits 12 steps (the first 5 timed, 7 more
     planned); from the sixth step the cosine follows that plan, down to a tenth of the peak at the
     twelfth, not at the 30 asked for."""
     model, tokenizer = make_model("llama"), make_tokenizer()
@@ -283,8 +283,14 @@ def test_a_time_limit_plans_the_steps_that_fit_and_decays_the_rate_over_them(mon
 
     planned = [cosine(t, 30) for t in range(5)] + [cosine(t, 12) for t in range(5, 12)]
     assert [s["lr"] for s in log.steps] == pytest.approx(planned, rel=1e-6)
+    clock = iter(range(1000))  # the teacher's writing takes one tick of distill_experts' 13.5: 12 steps again
+    log = distill_experts(model, make_model("llama"), tokenizer, steps=30, batch_size=1, seqlen=32, teacher_windows=2,
+                          time_limit=13.5)
+    assert log.planned_steps == 12 and len(log.steps) == 12
     with pytest.raises(SparseLLMError, match="time limit must be positive"):
         train(model, tokenizer, steps=3, time_limit=0)
+    with pytest.raises(SparseLLMError, match="time limit must be positive"):  # before the teacher writes anything
+        distill_experts(model, make_model("llama"), tokenizer, steps=3, teacher_windows=1000, time_limit=-1)
 
 
 def test_distillation_trains_on_the_calibration_windows_and_the_teachers_continuations_of_them():

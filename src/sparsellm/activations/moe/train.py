@@ -98,8 +98,7 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
         raise SparseLLMError(f"unknown learning-rate schedule {lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
     if not moe_layers(model):
         raise SparseLLMError("the model has no MoE layers to train")
-    if time_limit is not None and time_limit <= 0:
-        raise SparseLLMError(f"the time limit must be positive, got {time_limit} s")
+    check_time_limit(time_limit)
     windows = data if isinstance(data, torch.Tensor) else calibration_windows(tokenizer, data, seqlen)
     check_context(model, windows.shape[1])
     generator = torch.Generator().manual_seed(seed)
@@ -168,6 +167,11 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
     return log
 
 
+def check_time_limit(seconds: float | None) -> None:
+    if seconds is not None and seconds <= 0:
+        raise SparseLLMError(f"the time limit must be positive, got {seconds} s")
+
+
 def cosine_rate(peak: float, step: int, steps: int) -> float:
     """The rate at ``step`` (from 0) of a cosine decay from ``peak`` to a tenth of it at the last of ``steps``."""
     return peak / 10 + (peak - peak / 10) * (1 + math.cos(math.pi * step / max(steps - 1, 1))) / 2
@@ -185,14 +189,19 @@ def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: i
     The windows are the calibration split's, plus ``teacher_windows`` that the teacher writes, each
     continuing the first ``PROMPT_TOKENS`` tokens of a calibration window: text in the corpus's
     register, and as much of it as a long run needs (the split alone is seen many times over, and
-    the student then fits it rather than the teacher). ``time_limit`` caps the training (see ``train``).
+    the student then fits it rather than the teacher). ``time_limit`` (seconds) caps the writing and
+    the training together: the training plans the steps that fit in what the writing left (see ``train``).
     """
+    check_time_limit(time_limit)
+    started = time.perf_counter()
     windows = calibration_windows(tokenizer, data, seqlen)
     if teacher_windows:
         on_gpu = teacher.get_input_embeddings().weight.device.type == "cuda"
         written = generate_windows(teacher, tokenizer, teacher_windows, seqlen, windows[:, :PROMPT_TOKENS], seed=seed,
                                    batch_size=256 if on_gpu else 64)  # batched decoding: far cheaper per window
         windows = torch.cat([windows, written])
+    if time_limit is not None:  # the writing spent part of it
+        time_limit = max(time_limit - (time.perf_counter() - started), 1e-3)
     return train(model, tokenizer, data=windows, steps=steps, batch_size=batch_size, lr=lr, balance_weight=0.0,
                  z_weight=0.0, only_moe=True, teacher=teacher, seed=seed, lr_schedule=lr_schedule,
                  time_limit=time_limit)
