@@ -18,7 +18,8 @@ Parts (all at 2 torch threads, float32):
   router, the experts' down projections refitted to the dense output unless ``--no-refit-down``),
   then its experts distilled from the dense model (KL from its next-token distribution on the
   calibration split's 256-token windows, plus ``--distill-teacher-windows`` windows the dense model
-  writes as continuations of their first 16 tokens; peak lr ``--distill-lr``, cosine decay);
+  writes as continuations of their first 16 tokens, plus the calibration split of ``--distill-extra``
+  when given; peak lr ``--distill-lr``, cosine decay; ``--distill-minutes`` caps the part);
   perplexity under the protocol before and after, the KL per step. ``--device cuda`` runs this
   part on a GPU (TensorFloat-32 products), where long runs take minutes instead of hours.
 - ``upcycle``: the sample model upcycled (8 experts, top-2, every other block as in Switch), trained
@@ -167,11 +168,11 @@ def bench_distill(args, results: dict) -> None:
         time_limit = 60 * args.distill_minutes - (time.perf_counter() - started) - 2 * evaluation_seconds - 10
     log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
                           batch_size=args.distill_batch_size, teacher_windows=args.distill_teacher_windows,
-                          time_limit=time_limit)
+                          extra_data=args.distill_extra, time_limit=time_limit)
     kl = [s["task_loss"] for s in log.steps]
     results["distill"] = {
         "top_k": experts // 2, "experts": experts, "refit_down": args.refit_down, "share": 0.5,
-        "device": args.device, "teacher_windows": args.distill_teacher_windows,
+        "device": args.device, "teacher_windows": args.distill_teacher_windows, "extra_data": args.distill_extra,
         "batch_size": args.distill_batch_size, "steps": len(log.steps), "steps_asked": args.distill_steps,
         "minutes": args.distill_minutes, "lr": log.lr,
         "lr_schedule": log.lr_schedule,
@@ -249,6 +250,8 @@ def main() -> None:
     parser.add_argument("--distill-batch-size", type=int, default=4, help="windows of 256 tokens per step")
     parser.add_argument("--distill-teacher-windows", type=int, default=0,
                         help="windows the dense model writes for the distillation, besides the calibration split")
+    parser.add_argument("--distill-extra", default=None, metavar="CORPUS",
+                        help="distil on this corpus's calibration split too (docstrings: the stdlib's, offline)")
     parser.add_argument("--distill-minutes", type=float, default=None,
                         help="cap the distill part's time, from its start (load, MoEfy, write, train, evaluate; "
                              "not the interpreter's start-up): the training plans as many of the steps as fit")

@@ -2,14 +2,20 @@
 
 ``builtin`` is the ``pydoc_data.topics`` corpus that ships with CPython: its values joined with two
 newlines in sorted key order; the first 80 % of the characters are the calibration split, the last
-20 % the evaluation split. Text files are split the same way, so giving one file to both
+20 % the evaluation split. ``docstrings`` is more prose of the same register, also offline: the
+docstrings of CPython's standard library (see ``docstring_corpus``), split the same way; it serves
+where the built-in split is too small (long distillation runs). Text files are split the same way, so giving one file to both
 ``--calib`` and ``--data`` never evaluates on calibration text. ``wikitext2`` and ``c4`` (or any
 ``datasets`` name) use the dataset's own train / test splits and need the network.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import re
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +57,33 @@ def builtin_corpus() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+@functools.cache
+def docstring_corpus() -> str:
+    """The docstrings (of at least 80 characters) of the modules, classes and functions in CPython's
+    standard library, read with ``ast`` (nothing is imported), in sorted file order, test packages
+    and site-packages left out; a paragraph that also appears in ``pydoc_data.topics`` (whitespace
+    aside) is dropped, so no evaluation text of ``builtin`` hides in it (1.57 M characters, ~408 k
+    tokens of the sample's tokenizer, on CPython 3.11.7)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"test", "tests", "idle_test", "site-packages"}
+    topics = " ".join(builtin_corpus().split())
+    docstrings = []
+    for path in sorted(root.rglob("*.py")):
+        if skipped & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                if docstring and len(docstring) >= 80:
+                    kept = [p for p in re.split(r"\n\s*\n", docstring) if " ".join(p.split()) not in topics]
+                    docstrings.append("\n\n".join(kept))
+    return "\n\n".join(d for d in docstrings if d)
+
+
 def split_text(text: str, split: str) -> str:
     """The calibration (first 80 %) or evaluation (last 20 %) characters of a text."""
     if split not in SPLITS:
@@ -60,9 +93,11 @@ def split_text(text: str, split: str) -> str:
 
 
 def load_text(spec: str, split: str) -> Text:
-    """Resolve ``--calib`` / ``--data``: ``builtin``, a .txt file, a folder of .txt files, or a dataset."""
+    """Resolve ``--calib`` / ``--data``: ``builtin``, ``docstrings``, a .txt file, a folder of .txt files, or a dataset."""
     if spec == "builtin":
         return Text("builtin", split, split_text(builtin_corpus(), split))
+    if spec == "docstrings":
+        return Text("docstrings", split, split_text(docstring_corpus(), split))
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))

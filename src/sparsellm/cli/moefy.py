@@ -43,6 +43,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--distill-teacher-windows", type=int, default=0,
                         help="windows the dense model writes to distil on, besides the calibration text "
                              "(continuations of its windows' first tokens; more text, less overfitting on long runs)")
+    parser.add_argument("--distill-extra", default=None, metavar="CORPUS",
+                        help="distil on this text's calibration split too (e.g. docstrings: the standard library's "
+                             "docstrings, offline; or a .txt file)")
     parser.add_argument("--distill-minutes", type=float, default=None,
                         help="cap the distillation's training time: as many of the steps as fit, the learning "
                              "rate decaying over those (default: no cap)")
@@ -117,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
                 teacher.to(args.device)
             log = distill_experts(model, teacher, tokenizer, steps=args.distill_steps, lr=args.distill_lr,
                                   batch_size=args.distill_batch_size, seqlen=args.distill_seqlen, data=args.calib,
-                                  teacher_windows=args.distill_teacher_windows,
+                                  teacher_windows=args.distill_teacher_windows, extra_data=args.distill_extra,
                                   time_limit=None if args.distill_minutes is None else 60 * args.distill_minutes)
-            metadata["distillation"] = log.to_dict() | {"teacher_windows": args.distill_teacher_windows}
+            metadata["distillation"] = log.to_dict() | {"teacher_windows": args.distill_teacher_windows,
+                                                        "extra_data": args.distill_extra}
             model.to("cpu")
             done = f"{len(log.steps)}" + (f" of {args.distill_steps}" if len(log.steps) < args.distill_steps else "")
             lines.append(f"distilled the experts from the dense model: {done} steps in {log.seconds:.0f} s, "

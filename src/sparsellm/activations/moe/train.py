@@ -179,7 +179,7 @@ def cosine_rate(peak: float, step: int, steps: int) -> float:
 
 def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: int, lr: float = 3e-4,
                     batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", teacher_windows: int = 0,
-                    seed: int = 0, lr_schedule: str = "cosine", time_limit: float | None = None) -> TrainLog:
+                    extra_data: str | Text | None = None, seed: int = 0, lr_schedule: str = "cosine", time_limit: float | None = None) -> TrainLog:
     """Train a MoEfied model's experts to give back the dense ``teacher``'s next-token distribution:
     the recovery step after MoEfication. The aux losses are off (the routers were fitted to the
     experts' outputs, not to balance), and with MoEfication's unweighted sum of experts no gradient
@@ -189,7 +189,8 @@ def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: i
     The windows are the calibration split's, plus ``teacher_windows`` that the teacher writes, each
     continuing the first ``PROMPT_TOKENS`` tokens of a calibration window: text in the corpus's
     register, and as much of it as a long run needs (the split alone is seen many times over, and
-    the student then fits it rather than the teacher). ``time_limit`` (seconds) caps the writing and
+    the student then fits it rather than the teacher); and the windows of ``extra_data``'s calibration
+    split (say ``docstrings``: more text, at no cost of writing). ``time_limit`` (seconds) caps the writing and
     the training together: the training plans the steps that fit in what the writing left (see ``train``).
     """
     check_time_limit(time_limit)
@@ -200,6 +201,8 @@ def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: i
         written = generate_windows(teacher, tokenizer, teacher_windows, seqlen, windows[:, :PROMPT_TOKENS], seed=seed,
                                    batch_size=256 if on_gpu else 64)  # batched decoding: far cheaper per window
         windows = torch.cat([windows, written])
+    if extra_data is not None:
+        windows = torch.cat([windows, calibration_windows(tokenizer, extra_data, seqlen)])
     if time_limit is not None:  # the writing spent part of it
         time_limit = max(time_limit - (time.perf_counter() - started), 1e-3)
     return train(model, tokenizer, data=windows, steps=steps, batch_size=batch_size, lr=lr, balance_weight=0.0,
