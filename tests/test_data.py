@@ -1,9 +1,11 @@
+import inspect
+import json
 import platform
 
 import pytest
 import torch
 
-from sparsellm.data import builtin_corpus, load_text, split_text, token_windows, uses_bos
+from sparsellm.data import builtin_corpus, docstring_corpus, load_text, split_text, token_windows, uses_bos
 from sparsellm.errors import OfflineError, SparseLLMError
 from tiny import make_tokenizer
 
@@ -18,6 +20,17 @@ def test_builtin_split_is_80_20_and_documented_fingerprint():
         import hashlib
 
         assert hashlib.sha256(corpus.encode()).hexdigest()[:16] == "71f2ff5d99bdc1f9"
+
+
+def test_docstrings_corpus_holds_the_stdlibs_docstrings_and_none_of_the_builtin_evaluation_text():
+    corpus = docstring_corpus()
+    calib, evaluation = load_text("docstrings", "calibration"), load_text("docstrings", "evaluation")
+    assert calib.text + evaluation.text == corpus and len(calib.text) == int(len(corpus) * 0.8)
+    assert len(corpus) > 500_000
+    assert inspect.getdoc(json.dumps).split("\n\n")[0] in corpus  # as Python itself reads it
+    flat = " ".join(corpus.split())
+    paragraphs = [" ".join(p.split()) for p in load_text("builtin", "evaluation").text.split("\n\n")]
+    assert not [p for p in paragraphs if len(p) >= 200 and p in flat]
 
 
 def test_text_files_and_folders(tmp_path):

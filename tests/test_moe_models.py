@@ -316,6 +316,21 @@ def test_distillation_trains_on_the_calibration_windows_and_the_teachers_continu
     assert {tuple(row[:PROMPT_TOKENS].tolist()) for row in written} == prefixes
 
 
+def test_distillation_adds_the_windows_of_extra_text():
+    teacher, tokenizer = make_model("llama"), make_tokenizer()
+    student = copy.deepcopy(teacher)
+    moefy(student, tokenizer, num_experts=4, top_k=2, nsamples=2, seqlen=32)
+    text = Text("short", "calibration", load_text("builtin", "calibration").text[:1500])
+    extra = Text("extra", "calibration", load_text("docstrings", "calibration").text[:1500])
+    windows = torch.cat([token_windows(tokenizer, t, 32) for t in (text, extra)])
+    seen = []
+    hook = student.get_input_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    distill_experts(student, teacher, tokenizer, steps=len(windows), batch_size=1, seqlen=32, data=text, extra_data=extra)
+    hook.remove()
+    rows = torch.cat(seen)
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, windows.tolist()))
+
+
 def test_unknown_learning_rate_schedule_is_refused():
     with pytest.raises(SparseLLMError, match="unknown learning-rate schedule 'linear'"):
         train(make_model("llama"), make_tokenizer(), steps=1, lr_schedule="linear")
@@ -329,11 +344,12 @@ def test_non_gated_families_are_refused_in_one_line():
 
 
 def test_cli_moefy_then_eval_and_upcycle(llama_folder, tmp_path, capsys):
-    out = tmp_path / "moe"
+    out, extra = tmp_path / "moe", tmp_path / "extra.txt"
+    extra.write_text(load_text("docstrings", "evaluation").text[:3000])
     code = main(["moefy", "--model", str(llama_folder), "--experts", "4", "--top-k", "1", "--nsamples", "4",
                  "--seqlen", "32", "--router-steps", "20", "--distill-steps", "3", "--distill-batch-size", "1",
-                 "--distill-seqlen", "32", "--distill-teacher-windows", "2", "--distill-minutes", "10", "--measure-decode",
-                 "--output", str(out)])
+                 "--distill-seqlen", "32", "--distill-teacher-windows", "2", "--distill-extra", str(extra),
+                 "--distill-minutes", "10", "--measure-decode", "--output", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "a token runs 25.0 % of each MLP's weights" in stdout and "decode MLP time per token" in stdout
@@ -342,6 +358,7 @@ def test_cli_moefy_then_eval_and_upcycle(llama_folder, tmp_path, capsys):
     assert metadata["method"] == "moefy" and metadata["mlp_params_per_token_vs_dense"] == 0.25
     assert metadata["distillation"]["objective"] == "distillation" and len(metadata["distillation"]["steps"]) == 3
     assert metadata["distillation"]["teacher_windows"] == 2 and metadata["distillation"]["planned_steps"] == 3
+    assert metadata["distillation"]["extra_data"] == str(extra)
     assert len(metadata["layers"]) == 3 and metadata["decode_mlp"]["speedup"] > 0
     assert main(["eval", "--model", str(out), "--seqlen", "32", "--windows", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
