@@ -3,9 +3,9 @@
 ``builtin`` is the ``pydoc_data.topics`` corpus that ships with CPython: its values joined with two
 newlines in sorted key order; the first 80 % of the characters are the calibration split, the last
 20 % the evaluation split. ``docstrings`` is more prose of the same register, also offline: the
-docstrings of CPython's standard library (see ``docstring_corpus``), split the same way; it serves
-where the built-in split is too small (long distillation runs). Text files are split the same way, so giving one file to both
-``--calib`` and ``--data`` never evaluates on calibration text. ``wikitext2`` and ``c4`` (or any
+docstrings of CPython's standard library (see ``docstring_corpus``), split the same way, for runs
+that need more text than the built-in split (long distillation runs). Text files are split the
+same way, so giving one file to both ``--calib`` and ``--data`` never evaluates on calibration text. ``wikitext2`` and ``c4`` (or any
 ``datasets`` name) use the dataset's own train / test splits and need the network.
 """
 

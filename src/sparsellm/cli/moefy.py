@@ -47,8 +47,8 @@ def add_parser(commands) -> None:
                         help="distil on this text's calibration split too (e.g. docstrings: the standard library's "
                              "docstrings, offline; or a .txt file)")
     parser.add_argument("--distill-minutes", type=float, default=None,
-                        help="cap the distillation's training time: as many of the steps as fit, the learning "
-                             "rate decaying over those (default: no cap)")
+                        help="cap the distillation's time (the teacher's writing and the training): as many of "
+                             "the steps as fit, the learning rate decaying over those (default: no cap)")
     add_moe_common(parser)
     parser.add_argument("--calib", default="builtin",
                         help="calibration text: builtin, a .txt file or folder, or a datasets name (online)")

@@ -89,8 +89,8 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
 
     ``time_limit`` (seconds) caps the run: the steps after the first of ``PLANNING_STEPS`` are timed,
     the run is planned for as many steps as fit (at most ``steps``), and from there the cosine decays
-    over that plan, so a cut run still ends at the low rate rather than stopping midway; should the steps slow
-    down, the run stops at the first step that ends past the limit.
+    over that plan, so a cut run still ends at the low rate rather than stopping midway; should the
+    steps slow down, the run stops at the first step that ends past the limit.
     """
     if steps < 1 or batch_size < 1:
         raise SparseLLMError("steps and batch size must be at least 1")
@@ -179,7 +179,8 @@ def cosine_rate(peak: float, step: int, steps: int) -> float:
 
 def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: int, lr: float = 3e-4,
                     batch_size: int = 4, seqlen: int = 256, data: str | Text = "builtin", teacher_windows: int = 0,
-                    extra_data: str | Text | None = None, seed: int = 0, lr_schedule: str = "cosine", time_limit: float | None = None) -> TrainLog:
+                    extra_data: str | Text | None = None, seed: int = 0, lr_schedule: str = "cosine",
+                    time_limit: float | None = None) -> TrainLog:
     """Train a MoEfied model's experts to give back the dense ``teacher``'s next-token distribution:
     the recovery step after MoEfication. The aux losses are off (the routers were fitted to the
     experts' outputs, not to balance), and with MoEfication's unweighted sum of experts no gradient
@@ -190,8 +191,9 @@ def distill_experts(model: nn.Module, teacher: nn.Module, tokenizer, *, steps: i
     continuing the first ``PROMPT_TOKENS`` tokens of a calibration window: text in the corpus's
     register, and as much of it as a long run needs (the split alone is seen many times over, and
     the student then fits it rather than the teacher); and the windows of ``extra_data``'s calibration
-    split (say ``docstrings``: more text, at no cost of writing). ``time_limit`` (seconds) caps the writing and
-    the training together: the training plans the steps that fit in what the writing left (see ``train``).
+    split (say ``docstrings``: more text, at no cost of writing). ``time_limit`` (seconds) caps the
+    writing and the training together: the training plans the steps that fit in what the writing
+    left (see ``train``).
     """
     check_time_limit(time_limit)
     started = time.perf_counter()
