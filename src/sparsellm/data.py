@@ -5,8 +5,9 @@ newlines in sorted key order; the first 80 % of the characters are the calibrati
 20 % the evaluation split. ``docstrings`` is more prose of the same register, also offline: the
 docstrings of CPython's standard library (see ``docstring_corpus``), split the same way, for runs
 that need more text than the built-in split (long distillation runs). Text files are split the
-same way, so giving one file to both ``--calib`` and ``--data`` never evaluates on calibration text. ``wikitext2`` and ``c4`` (or any
-``datasets`` name) use the dataset's own train / test splits and need the network.
+same way, so giving one file to both ``--calib`` and ``--data`` never evaluates on calibration
+text. ``wikitext2`` and ``c4`` (or any ``datasets`` name) use the dataset's own train / test splits
+and need the network.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import os
 import re
 import sysconfig
 from dataclasses import dataclass
@@ -67,10 +69,12 @@ def docstring_corpus() -> str:
     root = Path(sysconfig.get_paths()["stdlib"])
     skipped = {"test", "tests", "idle_test", "site-packages"}
     topics = " ".join(builtin_corpus().split())
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in skipped]  # never walk site-packages' thousands
+        paths += [Path(folder) / name for name in files if name.endswith(".py")]
     docstrings = []
-    for path in sorted(root.rglob("*.py")):
-        if skipped & set(path.relative_to(root).parts):
-            continue
+    for path in sorted(paths):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
