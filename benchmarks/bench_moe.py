@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsellm
-from sparsellm.activations.moe import MoEConfig, MoELayer, set_top_k
+from sparsellm.activations.moe import MoEConfig, MoELayer, pack_experts, set_top_k
 from sparsellm.activations.moe.modeling import gated_mlp
 from sparsellm.activations.moe.moefy import moefy
 from sparsellm.activations.moe.speed import decode_mlp_seconds
@@ -69,7 +69,7 @@ class GatedMLP(nn.Module):
 @torch.no_grad()
 def bench_layer(hidden: int, width: int, experts: int, tokens: int, repeats: int) -> dict:
     torch.manual_seed(0)
-    moe = MoELayer(hidden, MoEConfig(experts, width, top_k=1)).eval()
+    moe = MoELayer(hidden, MoEConfig(experts, width, top_k=1)).eval().pack_()  # experts in the kernels' layout
     same_active, same_total = GatedMLP(hidden, width).eval(), GatedMLP(hidden, experts * width).eval()
     x = torch.randn(tokens, hidden)
     layers = {"moe": moe, "dense_same_active": same_active, "dense_same_total": same_total}
@@ -100,6 +100,7 @@ def bench_moefy(args, results: dict) -> None:
     rows = results.setdefault("moefy", [])
     untrained = copy.deepcopy(model)
     report = moefy(untrained, tokenizer, 16, 4, router_steps=0, refit_down=False, nsamples=args.nsamples)
+    pack_experts(untrained)  # inference from here on: the experts in the MoE kernels' layout
     decode_stacks = {"dense": dense_mlps}
     for top_k in (16, 12, 8, 4):
         set_top_k(untrained, top_k)
@@ -111,6 +112,7 @@ def bench_moefy(args, results: dict) -> None:
         trained = copy.deepcopy(model)
         report = moefy(trained, tokenizer, 16, top_k, router_steps=args.router_steps, refit_down=False,
                        nsamples=args.nsamples)
+        pack_experts(trained)
         rows.append({"router": f"trained ({args.router_steps} steps)", "top_k": top_k, "share": top_k / 16,
                      "ppl": perplexity(trained, tokenizer, args.windows), "moefy_seconds": report.seconds,
                      "router_recall": _mean_recall(report)})

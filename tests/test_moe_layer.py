@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from sparsellm.activations.moe import MoEConfig, MoELayer, load_balancing_loss, router_z_loss
-from sparsellm.activations.moe.layer import WEIGHTINGS
+from sparsellm.activations.moe.layer import (
+    WEIGHTINGS,
+    PackedExperts,
+    pack_down,
+    pack_gate_up,
+    unpack_down,
+    unpack_gate_up,
+)
 from sparsellm.errors import SparseLLMError
 from sparsellm.kernels.backend import cpu_isas, extension, use_backend
 
@@ -29,8 +36,8 @@ def reference(layer: MoELayer, x: torch.Tensor):
     """Loop over choice ranks, then tokens in order: each expert serves assignments until it is full."""
     config = layer.moe_config
     w_router = layer.router.weight.detach().double()
-    gate_up = layer.experts.gate_up_proj.detach().double()
-    down = layer.experts.down_proj.detach().double()
+    experts = layer.experts.unpacked() if isinstance(layer.experts, PackedExperts) else layer.experts
+    gate_up, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
     tokens = x.shape[0]
     capacity = None if config.capacity_factor is None else \
         max(1, math.ceil(config.capacity_factor * config.top_k * tokens / config.num_experts))
@@ -72,9 +79,10 @@ def expert_reference(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor)
 DISPATCHES = {"per expert": 0.0, "padded batch": math.inf}
 
 
-def forced_dispatch(name: str) -> ExitStack:
-    """Run an inference call on one path: a torch dispatch, or the compiled kernel (``compiled``: with
-    AVX-512 where the CPU has it; ``compiled avx2``: the AVX2 / plain build), which must then be taken."""
+def forced_dispatch(name: str, layer: MoELayer) -> ExitStack:
+    """Run an inference call on one path: a torch dispatch, or the compiled kernel on the layer's experts
+    packed (``compiled``: with AVX-512 where the CPU has it; ``compiled avx2``: the AVX2 / plain build),
+    which must then be taken."""
     stack = ExitStack()
     if name in DISPATCHES:
         stack.enter_context(patch.object(MoELayer, "_kernels", return_value=None))
@@ -84,6 +92,7 @@ def forced_dispatch(name: str) -> ExitStack:
         pytest.skip("the kernels' extension did not build")
     if name == "compiled avx2" and "avx2" not in cpu_isas():
         pytest.skip("this CPU has no AVX2")
+    layer.pack_()
     stack.enter_context(use_backend("avx2" if name == "compiled avx2" else "auto"))
     stack.enter_context(patch.object(MoELayer, "dispatch", side_effect=AssertionError("not the compiled path")))
     return stack
@@ -97,7 +106,7 @@ def test_layer_equals_per_token_reference(top_k, capacity_factor, weighting, dis
     layer = make_layer(num_experts=5, top_k=top_k, capacity_factor=capacity_factor, weighting=weighting)
     x = torch.randn(23, HIDDEN)
     expected, kept, served = reference(layer, x)
-    with torch.no_grad(), forced_dispatch(dispatch):
+    with torch.no_grad(), forced_dispatch(dispatch, layer):
         output = layer(x)
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
     routing = layer.last_routing
@@ -215,19 +224,23 @@ def test_bad_config_is_one_line(options, message):
         MoEConfig(4, 8, **options)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("tokens", [1, 6])
-def test_only_the_chosen_experts_weights_are_used(tokens):
+def test_only_the_chosen_experts_weights_are_used(tokens, packed):
     """Poison every expert no token chose: the output does not change, so their weights were never read."""
     layer = make_layer(num_experts=8, top_k=2)
+    if packed:
+        layer.pack_()
     x = torch.randn(tokens, HIDDEN)
     with torch.no_grad():
         expected = layer(x)
         chosen = set(layer.last_routing.experts.reshape(-1).tolist())
         for expert in set(range(8)) - chosen:
-            layer.experts.gate_up_proj[expert] = float("nan")
-            layer.experts.down_proj[expert] = float("nan")
+            for weights in layer.experts.buffers() if packed else layer.experts.parameters():
+                weights[expert] = float("nan")
         assert torch.equal(layer(x), expected)
-    assert layer.experts.gate_up_proj[3].is_contiguous() and layer.experts.down_proj[3].is_contiguous()
+    if not packed:
+        assert layer.experts.gate_up_proj[3].is_contiguous() and layer.experts.down_proj[3].is_contiguous()
 
 
 @pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
@@ -242,6 +255,7 @@ def test_one_token_compiled_path_equals_reference(top_k, weighting, router_bias)
         layer.router.weight.mul_(0.3)  # softer routing: the weights differ from 1 and from each other
         if router_bias:
             layer.router.bias.normal_(0, 1.0)
+    layer.pack_()
     for _ in range(5):
         x = torch.randn(1, HIDDEN)
         with torch.no_grad(), patch.object(MoELayer, "route", side_effect=AssertionError("not the compiled path")):
@@ -277,9 +291,10 @@ def test_dispatch_paths_give_the_same_gradients():
 @pytest.mark.parametrize(("hidden", "expert_size", "num_experts", "top_k", "tokens"),
                          [(37, 5, 3, 2, 7), (130, 13, 16, 8, 33), (64, 96, 8, 1, 256), (2048, 9, 4, 4, 5)])
 def test_compiled_experts_equal_the_products_they_replace(hidden, expert_size, num_experts, top_k, tokens, backend):
-    """The kernel of many tokens (kernels/csrc/moe.cpp, moe_tokens) against float64 products of the same
-    weights, with dropped assignments (-1): sizes that leave partial tiles of tokens, neurons, outputs
-    and columns (hidden 37, 130), several column passes (2048), one expert with no token, a full batch."""
+    """The kernel of many tokens (kernels/csrc/moe.cpp, moe_experts) against float64 products of the same
+    weights, with dropped assignments (-1): sizes that leave partial panels of neurons (5, 13, 9) and
+    outputs (37, 130) and partial groups of tokens, several passes over a panel (2048 columns), one
+    expert with no token, a full batch."""
     if backend == "avx2" and "avx2" not in cpu_isas():
         pytest.skip("this CPU has no AVX2")
     generator = torch.Generator().manual_seed(hidden)
@@ -297,5 +312,54 @@ def test_compiled_experts_equal_the_products_they_replace(hidden, expert_size, n
         if e >= 0:
             expected[t] += weights[t, j].double() * expert_reference(gate_up[e], down[e], x[t])
     with use_backend(backend):
-        got = extension().moe_tokens(x, experts, weights, gate_up, down, backend != "avx2")
+        got = extension().moe_experts(x, experts, weights, pack_gate_up(gate_up), pack_down(down), backend != "avx2")
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("hidden", "expert_size"), [(16, 8), (37, 5), (130, 13)])
+def test_packing_is_a_permutation_with_zero_padding(hidden, expert_size):
+    """Every weight lands where moe.cpp reads it (panel p, row k, column n), the padding is zero, and
+    unpacking gives the tensors back exactly."""
+    gate_up, down = torch.randn(3, 2 * expert_size, hidden), torch.randn(3, hidden, expert_size)
+    gate_up_panels, down_panels = pack_gate_up(gate_up), pack_down(down)
+    assert gate_up_panels.shape == (3, -(-expert_size // 8), hidden, 16)
+    assert down_panels.shape == (3, -(-hidden // 16), expert_size, 16)
+    for e, f, h in itertools.product(range(3), range(expert_size), range(hidden)):
+        assert gate_up_panels[e, f // 8, h, f % 8] == gate_up[e, f, h]
+        assert gate_up_panels[e, f // 8, h, 8 + f % 8] == gate_up[e, expert_size + f, h]
+        assert down_panels[e, h // 16, f, h % 16] == down[e, h, f]
+    assert gate_up_panels.abs().sum() == pytest.approx(gate_up.abs().sum().item(), rel=1e-6)
+    assert down_panels.abs().sum() == pytest.approx(down.abs().sum().item(), rel=1e-6)
+    assert torch.equal(unpack_gate_up(gate_up_panels, expert_size), gate_up)
+    assert torch.equal(unpack_down(down_panels, hidden), down)
+
+
+def test_packed_layer_saves_and_loads_as_the_unpacked_one():
+    layer = make_layer(num_experts=5, top_k=2)
+    unpacked = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    layer.pack_()
+    assert not list(layer.experts.parameters())
+    saved = layer.state_dict()
+    assert saved.keys() == unpacked.keys()
+    for name, tensor in unpacked.items():
+        assert torch.equal(saved[name], tensor), name
+    other = make_layer(num_experts=5, top_k=2, seed=1).pack_()
+    other.load_state_dict(unpacked)
+    x = torch.randn(9, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), layer(x))
+        layer.unpack_()
+        torch.testing.assert_close(layer(x), other(x), rtol=1e-5, atol=1e-6)
+    assert layer.experts.gate_up_proj.requires_grad
+
+
+def test_packed_layer_refuses_to_train_and_runs_without_the_kernels():
+    layer = make_layer(num_experts=4, top_k=2).pack_()
+    x = torch.randn(7, HIDDEN)
+    with torch.no_grad():
+        expected = layer(x)
+        with use_backend("torch"), patch.object(MoELayer, "dispatch", autospec=True, side_effect=MoELayer.dispatch) as torch_path:
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        assert torch_path.called
+    with pytest.raises(SparseLLMError, match="packed for inference"):
+        layer.train()(x)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsellm import checkpoint
-from sparsellm.activations.moe import moe_layers, moefy, set_top_k
+from sparsellm.activations.moe import moe_layers, moefy, pack_experts, set_top_k
 from sparsellm.evaluation import perplexity
 from sparsellm.models import load_model
 
@@ -25,6 +25,9 @@ def test_moefied_sample_is_dense_with_all_experts_and_reloads(sample_folder, tmp
     half = perplexity(model, tokenizer, seqlen=256, max_windows=2).perplexity
     folder = checkpoint.save(model, tokenizer, tmp_path / "smol-moe")
     reloaded, _ = load_model(folder)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    pack_experts(model), pack_experts(reloaded)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     # Half the MLP neurons per token costs much quality on this SwiGLU model (routing by the true

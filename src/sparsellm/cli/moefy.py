@@ -7,7 +7,7 @@ import copy
 from collections.abc import Callable
 
 from .. import checkpoint, evaluation
-from ..activations.moe import moe_layers
+from ..activations.moe import moe_layers, pack_experts
 from ..activations.moe.modeling import gated_mlp
 from ..activations.moe.moefy import CLUSTERINGS, moefy
 from ..activations.moe.speed import decode_mlp_seconds
@@ -82,6 +82,7 @@ def convert_and_save(args: argparse.Namespace, convert: Callable) -> tuple[dict,
     dense = [copy.deepcopy(gated_mlp(block)) for block in decoder_blocks(model)[1]] if args.measure_decode else None
     metadata, lines = convert(model, tokenizer)
     metadata = {"model": str(args.model)} | metadata
+    pack_experts(model)  # the experts in the MoE kernels' layout for the evaluation and timing (saved as before)
     if before is not None:
         after = evaluation.perplexity(model, tokenizer, **options)
         metadata["evaluation"] = {"dense": before.to_dict(), "moe": after.to_dict()}

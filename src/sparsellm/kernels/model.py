@@ -36,11 +36,13 @@ class KernelReport:
     layers: Counter = field(default_factory=Counter)
     dense_bytes: int = 0
     kernel_bytes: int = 0
+    packed_moe_layers: int = 0  # MoE layers whose experts are in the kernels' layout
 
     def describe(self) -> str:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.layers.items()))
+        moe = f"; {self.packed_moe_layers} MoE layers' experts packed" if self.packed_moe_layers else ""
         return (f"{kinds or 'no layers'} on {self.backend} kernels; their weights "
-                f"{self.dense_bytes / 1e6:.1f} MB -> {self.kernel_bytes / 1e6:.1f} MB")
+                f"{self.dense_bytes / 1e6:.1f} MB -> {self.kernel_bytes / 1e6:.1f} MB{moe}")
 
 
 def choose_format(keep: torch.Tensor) -> str:
@@ -65,7 +67,8 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
     activation thresholds (TEAL), whose targets ``activation_sparsity`` holds. ``dense_layers``
     also moves the unpruned linear layers and the output layer to the dense kernel (worth it with
     16-bit values, which it reads faster than torch does). Layers that are ``SparseLinear`` already
-    stay. ``kernels="dense"`` leaves the model as it is.
+    stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``).
+    ``kernels="dense"`` leaves the model as it is.
     """
     if kernels not in KERNELS:
         raise SparseLLMError(f"unknown kernels '{kernels}': use one of {', '.join(KERNELS)}")
@@ -94,6 +97,10 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
         name = next(name for name, module in model.named_modules() if module is head)
         replace(name, head, head.weight.detach(), "dense", None)
     _measure_together(model, report)
+    # imported here: importing the MoE package registers its model type with transformers
+    from ..activations.moe.modeling import pack_experts
+
+    report.packed_moe_layers = pack_experts(model)
     logger.info("kernels=%s: %s", kernels, report.describe())
     return report
 

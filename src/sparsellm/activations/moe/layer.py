@@ -18,11 +18,16 @@ on. Without a capacity factor the layer is dropless.
 
 Dispatch sorts the assignments by expert; the experts then run as one padded batch (two batched
 products) when the routing is balanced enough, else one after the other on their contiguous runs of
-the gathered tokens. At inference the compiled kernels take over where they are faster: one decoding
-token is routed and run in one call (``_fused_token``), and experts with few tokens each multiply
-them in place (``moe_tokens``: a BLAS GEMM of ~32 rows spends much of its time packing the weights).
-Expert weights are stacked as (E, 2F, H) and (E, H, F) (the layout transformers uses for Mixtral),
-so choosing an expert is a contiguous slice: a decoding token reads only its k experts' weights.
+the gathered tokens. Expert weights are stacked as (E, 2F, H) and (E, H, F) (the layout transformers
+uses for Mixtral), so choosing an expert is a contiguous slice.
+
+For inference on the CPU, ``pack_()`` swaps the experts for ``PackedExperts``: the same weights, once,
+in the compiled kernels' layout (kernels/csrc/moe.cpp: panels of 16 outputs, input-major), which run
+every call (one decoding token routed and run in one call; many tokens grouped by expert). A BLAS
+GEMM of the ~32 rows an expert gets from 256 tokens at E = 8 spends much of its time packing the
+weights anew on every call; packed once, the layer runs at about the speed of a dense MLP with the
+same active parameters. ``state_dict`` gives the (E, 2F, H) / (E, H, F) tensors either way, so a
+packed model saves as an unpacked one; ``unpack_()`` returns to training.
 """
 
 from __future__ import annotations
@@ -41,12 +46,8 @@ WEIGHTINGS = ("softmax", "normalized", "ones")
 # (22 % padding): 1.21x one product per expert at H 576 / F 1536, 0.98x at H 2048 / F 5632. Past
 # this much padding the wasted rows cost more than the calls saved: loop over the experts.
 PADDED_DISPATCH_LIMIT = 1.5
-# At inference the compiled kernel (kernels/csrc/moe.cpp) runs the experts while each has few rows: on
-# average at most COMPILED_ROWS assignments, or COMPILED_ROW_WEIGHTS (rows x expert neurons). Measured
-# (2 threads, interleaved): its lead over the torch dispatch fell below 1 past ~100 rows at 1536
-# neurons (64 rows 1.11x, 128 rows 0.86x) and ~50 at 5632 (32 rows 1.32x, 64 rows 0.88x); at 96
-# neurons it still led 1.9x at 2048 rows. Past that the BLAS GEMM's packing of the weights pays.
-COMPILED_ROWS, COMPILED_ROW_WEIGHTS = 48, 1 << 17
+# Columns of one panel of packed experts (kernels/csrc/moe.cpp's kPanel): 8 gate + 8 up neurons, or 16 outputs.
+PANEL = 16
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,19 @@ class Experts(nn.Module):
 
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
-        self.act_fn = ACT2FN[activation]
+        self.activation, self.act_fn = activation, ACT2FN[activation]
         # nn.Linear's default initialisation, per expert
         nn.init.uniform_(self.gate_up_proj, -hidden_size ** -0.5, hidden_size ** -0.5)
         nn.init.uniform_(self.down_proj, -expert_size ** -0.5, expert_size ** -0.5)
+
+    @classmethod
+    def from_weights(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, activation: str) -> Experts:
+        """Experts holding the given (E, 2F, H) and (E, H, F) tensors, uncopied."""
+        num_experts, hidden_size, expert_size = down_proj.shape
+        with torch.device("meta"):  # skip the random initialisation of tensors replaced right away
+            experts = cls(num_experts, hidden_size, expert_size, activation)
+        experts.gate_up_proj, experts.down_proj = nn.Parameter(gate_up_proj), nn.Parameter(down_proj)
+        return experts
 
     def forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         return self.run(self.gate_up_proj[expert], self.down_proj[expert], x)
@@ -146,6 +156,78 @@ class Experts(nn.Module):
         """Every expert on its own rows of x (E, T, H) -> (E, T, H): two batched products in all."""
         gate, up = torch.bmm(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
         return torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2))
+
+
+def pack_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """(E, 2F, H) -> panels (E, ceil(F / 8), H, 16): panel p, row h = gate rows 8p..8p+7 then up rows
+    8p..8p+7 at column h, zeros past the last neuron."""
+    num_experts, double_width, hidden = gate_up.shape
+    neurons = PANEL // 2
+    panels = -(-double_width // 2 // neurons)
+    gate, up = (F.pad(half, (0, 0, 0, panels * neurons - double_width // 2)) for half in gate_up.chunk(2, dim=1))
+    halves = torch.stack([gate.view(num_experts, panels, neurons, hidden), up.view(num_experts, panels, neurons, hidden)], 2)
+    return halves.view(num_experts, panels, PANEL, hidden).transpose(2, 3).contiguous()
+
+
+def unpack_gate_up(panels: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of ``pack_gate_up``: (E, 2F, H) for F = ``width`` neurons."""
+    num_experts, count, hidden, _ = panels.shape
+    halves = panels.transpose(2, 3).reshape(num_experts, count, 2, PANEL // 2, hidden)
+    gate, up = (halves[:, :, half].reshape(num_experts, -1, hidden)[:, :width] for half in (0, 1))
+    return torch.cat([gate, up], dim=1)
+
+
+def pack_down(down: torch.Tensor) -> torch.Tensor:
+    """(E, H, F) -> panels (E, ceil(H / 16), F, 16): panel p, row f = down rows 16p..16p+15 at column f."""
+    num_experts, hidden, width = down.shape
+    panels = -(-hidden // PANEL)
+    padded = F.pad(down, (0, 0, 0, panels * PANEL - hidden))
+    return padded.view(num_experts, panels, PANEL, width).transpose(2, 3).contiguous()
+
+
+def unpack_down(panels: torch.Tensor, hidden: int) -> torch.Tensor:
+    """The inverse of ``pack_down``: (E, H, F) for H = ``hidden`` outputs."""
+    num_experts, count, width, _ = panels.shape
+    return panels.transpose(2, 3).reshape(num_experts, count * PANEL, width)[:, :hidden]
+
+
+class PackedExperts(nn.Module):
+    """Experts for inference: the weights once, as the compiled kernels read them (``pack_gate_up``,
+    ``pack_down``). Not trainable; ``state_dict`` reads and writes the unpacked ``gate_up_proj`` and
+    ``down_proj`` of ``Experts``, so checkpoints are the same either way."""
+
+    def __init__(self, experts: Experts) -> None:
+        super().__init__()
+        self.hidden_size, self.expert_size = experts.down_proj.shape[1:]
+        self.activation = experts.activation
+        self.register_buffer("gate_up_panels", pack_gate_up(experts.gate_up_proj.detach()))
+        self.register_buffer("down_panels", pack_down(experts.down_proj.detach()))
+
+    def unpacked(self) -> Experts:
+        """The same weights as ``Experts`` (a copy): for the torch paths and for training."""
+        return Experts.from_weights(unpack_gate_up(self.gate_up_panels, self.expert_size),
+                                    unpack_down(self.down_panels, self.hidden_size), self.activation)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        destination[prefix + "gate_up_proj"] = unpack_gate_up(self.gate_up_panels, self.expert_size)
+        destination[prefix + "down_proj"] = unpack_down(self.down_panels, self.hidden_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for name, pack, buffer in (("gate_up_proj", pack_gate_up, self.gate_up_panels),
+                                   ("down_proj", pack_down, self.down_panels)):
+            if prefix + name not in state_dict:
+                missing_keys.append(prefix + name)
+                continue
+            panels = pack(state_dict[prefix + name].to(buffer.dtype))
+            if panels.shape != buffer.shape:
+                error_msgs.append(f"{prefix + name}: packs to {tuple(panels.shape)}, the layer holds {tuple(buffer.shape)}")
+                continue
+            with torch.no_grad():
+                buffer.copy_(panels)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.gate_up_panels.shape[0]}x{self.expert_size}, packed in panels of {PANEL}"
 
 
 class MoELayer(nn.Module):
@@ -209,11 +291,23 @@ class MoELayer(nn.Module):
             kept = (position < capacity).view(config.top_k, -1).t()
         return Routing(logits, probs, experts, weights, kept)
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def pack_(self) -> MoELayer:
+        """Hold the experts for inference only, once, in the compiled kernels' layout (``PackedExperts``)."""
+        if isinstance(self.experts, Experts):
+            self.experts = PackedExperts(self.experts)
+        return self
+
+    def unpack_(self) -> MoELayer:
+        """Back to trainable ``Experts`` (the inverse of ``pack_``)."""
+        if isinstance(self.experts, PackedExperts):
+            self.experts = self.experts.unpacked()
+        return self
+
+    def dispatch(self, x: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
         """Sum each token's weighted expert outputs, running each expert once on its tokens."""
         tokens, k = routing.experts.shape
         if tokens == 1:  # decoding: no grouping to do, and every op saved counts at this size
-            return self._single_token(x, routing)
+            return self._single_token(x, routing, experts)
         token_index = torch.arange(tokens, device=x.device).repeat_interleave(k)
         expert_index = routing.experts.reshape(-1)
         weights = routing.weights.reshape(-1)
@@ -225,11 +319,11 @@ class MoELayer(nn.Module):
         counts = torch.bincount(expert_index, minlength=self.moe_config.num_experts).tolist()
         output = torch.zeros_like(x)
         if len(counts) * max(counts) <= PADDED_DISPATCH_LIMIT * len(token_index):
-            return self._padded(x, token_index, expert_index[order], counts, weights, output)
+            return self._padded(x, token_index, expert_index[order], counts, weights, output, experts)
         # One unbind for all experts: autograd stacks their weights' gradients once, where indexing
         # one expert at a time gives each backward a zero-filled gradient of the whole stack
         # (measured: a quarter of a distillation step at 32 experts went to filling them).
-        gate_up, down = self.experts.gate_up_proj.unbind(0), self.experts.down_proj.unbind(0)
+        gate_up, down = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
         start = 0
         for expert, count in enumerate(counts):
             if not count:
@@ -237,7 +331,7 @@ class MoELayer(nn.Module):
             # this expert's tokens: a contiguous run of the sorted assignments; gathered, run and
             # added back one expert at a time, so the working set stays small
             tokens_here = token_index[start : start + count]
-            expert_output = self.experts.run(gate_up[expert], down[expert], x.index_select(0, tokens_here))
+            expert_output = experts.run(gate_up[expert], down[expert], x.index_select(0, tokens_here))
             if self.moe_config.weighting != "ones":
                 expert_output = expert_output * weights[start : start + count]
             output.index_add_(0, tokens_here, expert_output)
@@ -245,22 +339,22 @@ class MoELayer(nn.Module):
         return output
 
     def _padded(self, x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor, counts: list[int],
-                weights: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+                weights: torch.Tensor, output: torch.Tensor, experts: Experts) -> torch.Tensor:
         """Dispatch as one batch: the assignments (sorted by expert) fill an (E, most, H) buffer row
         by row, the experts run as two batched products, and the rows go back to their tokens."""
         starts = torch.tensor([0, *counts[:-1]], device=x.device).cumsum(0)
         slot = torch.arange(len(token_index), device=x.device) - starts[expert_index]
         buffer = x.new_zeros(len(counts), max(counts), x.shape[-1])
         buffer[expert_index, slot] = x[token_index]
-        expert_output = self.experts.batched(buffer)[expert_index, slot]
+        expert_output = experts.batched(buffer)[expert_index, slot]
         if self.moe_config.weighting != "ones":
             expert_output = expert_output * weights
         return output.index_add_(0, token_index, expert_output)
 
-    def _single_token(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _single_token(self, x: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
         output = None
         for rank, expert in enumerate(routing.experts[0].tolist()):
-            expert_output = self.experts(expert, x)
+            expert_output = experts(expert, x)
             if self.moe_config.weighting != "ones":
                 expert_output = expert_output * routing.weights[0, rank].to(x.dtype)
             output = expert_output if output is None else output + expert_output
@@ -268,12 +362,13 @@ class MoELayer(nn.Module):
 
     def _kernels(self, x: torch.Tensor):
         """(compiled extension, whether it may use AVX-512) when this call can run on sparsellm's
-        kernels: inference (no gradients wanted), float32 on the CPU, SiLU-gated experts, the kernels
+        kernels: packed experts, no gradients wanted, float32 on the CPU, SiLU-gated, the kernels
         built and not switched to ``torch``; else None."""
-        tensors = [x, *self.parameters()]
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) \
-                or self.moe_config.activation != "silu" or x.device.type != "cpu" \
-                or any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        router = list(self.router.parameters())
+        if not isinstance(self.experts, PackedExperts) or self.experts.activation != "silu" \
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *router))) \
+                or x.device.type != "cpu" or x.dtype != torch.float32 \
+                or any(t.dtype != torch.float32 for t in (*router, self.experts.gate_up_panels)):
             return None
         from ...kernels import backend
 
@@ -282,32 +377,34 @@ class MoELayer(nn.Module):
             return None
         return module, chosen != "avx2"
 
-    def _fused_token(self, x: torch.Tensor, module) -> torch.Tensor:
+    def _fused_token(self, x: torch.Tensor, module, allow_avx512: bool) -> torch.Tensor:
         """One decoding token through the compiled layer (kernels/csrc/moe.cpp: routing and experts in
         one call, instead of ~6 torch calls plus ~7 per expert)."""
         router, experts = self.router, self.experts
         bias = router.bias if router.bias is not None else torch.empty(0)
         output, logits, probs, chosen, weights = module.moe_token(
-            x[0], router.weight, bias, experts.gate_up_proj, experts.down_proj, self.moe_config.top_k,
-            WEIGHTINGS.index(self.moe_config.weighting))
+            x[0].contiguous(), router.weight.contiguous(), bias, experts.gate_up_panels, experts.down_panels,
+            self.moe_config.top_k, WEIGHTINGS.index(self.moe_config.weighting), allow_avx512)
         self.last_routing = Routing(logits[None], probs[None], chosen[None], weights[None], None)
         return output[None]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        packed = isinstance(self.experts, PackedExperts)
+        if packed and self.training:
+            raise SparseLLMError("this MoE layer's experts are packed for inference: unpack_() it to train")
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        kernels = None if self.training else self._kernels(x)
+        kernels = self._kernels(x)
         if kernels is not None and x.shape[0] == 1:
-            return self._fused_token(x, kernels[0]).view(hidden_states.shape)
+            return self._fused_token(x, *kernels).view(hidden_states.shape)
         routing = self.route(x)
         self.last_routing = routing
-        rows = routing.experts.numel() / self.moe_config.num_experts
-        if kernels is not None and (rows <= COMPILED_ROWS or rows * self.moe_config.expert_size <= COMPILED_ROW_WEIGHTS):
+        if kernels is not None:
             module, allow_avx512 = kernels
             experts = routing.experts if routing.kept is None else routing.experts.masked_fill(~routing.kept, -1)
-            output = module.moe_tokens(x, experts, routing.weights, self.experts.gate_up_proj,
-                                       self.experts.down_proj, allow_avx512)
-        else:
-            output = self.dispatch(x, routing)
+            output = module.moe_experts(x.contiguous(), experts, routing.weights, self.experts.gate_up_panels,
+                                        self.experts.down_panels, allow_avx512)
+        else:  # packed experts without the kernels (no compiler, bfloat16, ...) run unpacked, as a copy
+            output = self.dispatch(x, routing, self.experts.unpacked() if packed else self.experts)
         return output.view(hidden_states.shape)
 
     def extra_repr(self) -> str:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import torch
 from torch import nn
 
 from ...errors import SparseLLMError
 from ...models import decoder_blocks
-from .layer import MoEConfig, MoELayer
+from .layer import Experts, MoEConfig, MoELayer, PackedExperts
 
 MODEL_TYPE = "sparsellm_moe"
 
@@ -146,6 +147,26 @@ def as_moe_model(model: nn.Module, moe_config: MoEConfig, layers: list[int]) -> 
 def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
     """The model's MoE layers by dotted name, in block order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, MoELayer)}
+
+
+def pack_experts(model: nn.Module) -> int:
+    """Put every float32 MoE layer's experts in the compiled kernels' layout, in place (``MoELayer.pack_``:
+    one copy of the weights, inference only; the model still saves as before). Returns how many
+    layers were packed; ``unpack_experts`` undoes it (to train)."""
+    packed = 0
+    for layer in moe_layers(model).values():
+        if isinstance(layer.experts, Experts) and layer.experts.gate_up_proj.dtype == torch.float32:
+            layer.pack_()
+            packed += 1
+    return packed
+
+
+def unpack_experts(model: nn.Module) -> int:
+    """The inverse of ``pack_experts``: trainable experts again. Returns how many layers were unpacked."""
+    layers = [layer for layer in moe_layers(model).values() if isinstance(layer.experts, PackedExperts)]
+    for layer in layers:
+        layer.unpack_()
+    return len(layers)
 
 
 def set_top_k(model: nn.Module, top_k: int) -> None:
