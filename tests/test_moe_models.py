@@ -12,8 +12,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import sparsellm
 from sparsellm import checkpoint
-from sparsellm.activations.moe import load_balancing_loss, moe_layers, router_z_loss, set_top_k, upcycle
+from sparsellm.activations.moe import (
+    PackedExperts,
+    load_balancing_loss,
+    moe_layers,
+    router_z_loss,
+    set_top_k,
+    upcycle,
+)
 from sparsellm.activations.moe.moefy import (
     balanced_assignment,
     balanced_kmeans,
@@ -205,6 +213,13 @@ def test_saved_moe_folder_loads_with_sparsellm_and_only_with_it(tmp_path):
     loaded, _ = load_model(folder)
     assert type(loaded).__name__ == "SparseMoELlamaForCausalLM"
     torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
+    # sparsellm.load: the experts packed for the MoE kernels, the same function, and it saves back
+    on_kernels = sparsellm.load(folder)
+    layers = moe_layers(on_kernels).values()
+    assert layers and all(isinstance(layer.experts, PackedExperts) for layer in layers)
+    torch.testing.assert_close(logits(on_kernels, ids), expected, rtol=1e-5, atol=1e-5)
+    resaved = checkpoint.save(on_kernels, tokenizer, tmp_path / "moe-again")
+    torch.testing.assert_close(logits(load_model(resaved)[0], ids), expected, rtol=0, atol=0)
 
     # In a fresh process: plain transformers refuses the folder (no silent dense model), and once
     # sparsellm's MoE package is imported (registering the model type) it loads.

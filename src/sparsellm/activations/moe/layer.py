@@ -161,12 +161,11 @@ class Experts(nn.Module):
 def pack_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
     """(E, 2F, H) -> panels (E, ceil(F / 8), H, 16): panel p, row h = gate rows 8p..8p+7 then up rows
     8p..8p+7 at column h, zeros past the last neuron."""
-    num_experts, double_width, hidden = gate_up.shape
-    neurons = PANEL // 2
-    panels = -(-double_width // 2 // neurons)
-    gate, up = (F.pad(half, (0, 0, 0, panels * neurons - double_width // 2)) for half in gate_up.chunk(2, dim=1))
-    halves = torch.stack([gate.view(num_experts, panels, neurons, hidden), up.view(num_experts, panels, neurons, hidden)], 2)
-    return halves.view(num_experts, panels, PANEL, hidden).transpose(2, 3).contiguous()
+    num_experts, hidden, width, neurons = gate_up.shape[0], gate_up.shape[2], gate_up.shape[1] // 2, PANEL // 2
+    panels = -(-width // neurons)
+    gate, up = (F.pad(half, (0, 0, 0, panels * neurons - width)).view(num_experts, panels, neurons, hidden)
+                for half in gate_up.chunk(2, dim=1))
+    return torch.stack([gate, up], 2).view(num_experts, panels, PANEL, hidden).transpose(2, 3).contiguous()
 
 
 def unpack_gate_up(panels: torch.Tensor, width: int) -> torch.Tensor:
@@ -188,7 +187,7 @@ def pack_down(down: torch.Tensor) -> torch.Tensor:
 def unpack_down(panels: torch.Tensor, hidden: int) -> torch.Tensor:
     """The inverse of ``pack_down``: (E, H, F) for H = ``hidden`` outputs."""
     num_experts, count, width, _ = panels.shape
-    return panels.transpose(2, 3).reshape(num_experts, count * PANEL, width)[:, :hidden]
+    return panels.transpose(2, 3).reshape(num_experts, count * PANEL, width)[:, :hidden].contiguous()
 
 
 class PackedExperts(nn.Module):
@@ -262,8 +261,7 @@ class MoELayer(nn.Module):
             if router_bias is None or router_bias.shape != (config.num_experts,):
                 raise SparseLLMError(f"the router needs a bias of shape ({config.num_experts},)")
             layer.router.bias = nn.Parameter(router_bias)
-        layer.experts.gate_up_proj = nn.Parameter(gate_up_proj)
-        layer.experts.down_proj = nn.Parameter(down_proj)
+        layer.experts = Experts.from_weights(gate_up_proj, down_proj, config.activation)
         return layer
 
     def route(self, x: torch.Tensor) -> Routing:

@@ -1,14 +1,15 @@
 // A mixture-of-experts MLP (activations/moe/layer.py) at inference, float32 throughout, on experts
-// packed for it (activations/moe/packing.py): every expert's weights as panels of 16 output columns,
+// packed for it (pack_gate_up / pack_down in layer.py): every expert's weights as panels of 16 outputs,
 // each panel stored input-major, so a panel row is the 16 weights one input feeds (one 64-byte line):
 //   gate_up (E, ceil(F / 8), H, 16): panel p, row h = gate rows 8p .. 8p+7, then up rows 8p .. 8p+7, at h
 //   down (E, ceil(H / 16), F, 16):   panel p, row f = down rows 16p .. 16p+15 at column f
 // (zeros past the last neuron / output). Each expert multiplies only its own tokens, ~32 of 256 at
 // E = 8, top-1. A BLAS GEMM of so few rows spends much of its time packing the weights, anew on every
-// call; dot products of weight rows in place (stop 19) ran at 0.6-0.8x of the dense MLP with the
-// same active parameters. Packed once, the weights stream contiguously through an outer-product tile:
-// 6 tokens x 16 columns of accumulators (12 on AVX-512), a weight row loaded once per 6 FMAs, no
-// reductions, and the panel's next rows prefetched while the first token group uses them.
+// call; dot products of the weight rows in place (the previous kernel here) ran at 0.6-0.8x of the
+// dense MLP with the same active parameters. Packed once, the weights stream contiguously through
+// an outer-product tile: 6 tokens x 16 columns of accumulators (12 x 16 on AVX-512), a weight row
+// loaded once per 6 FMAs, no reductions, and the panel's next rows prefetched while the first group
+// of tokens uses them.
 //
 // moe_experts: tokens routed by the caller. moe_token: one decoding token, routed here too: at one
 // token the torch path costs ~6 calls for routing and ~7 per expert, each ~10 us, as much as reading
@@ -66,7 +67,7 @@ template <typename Vec> inline __attribute__((always_inline)) Vec load(const flo
 }
 
 // c[m * kPanel + n] += sum over k < depth of a[k * Group + m] * b[k * kPanel + n], for m < Rows.
-// `ahead`, if set, is prefetched into L2 along (one line per row): the panel's next pass.
+// `ahead`, if set, is prefetched into L2 along (one line per row): the next pass (or panel).
 template <typename Vec, int Rows, int Group>
 inline __attribute__((always_inline)) void panel_tile(const float* a, const float* b, int64_t depth, float* c,
                                                       const float* ahead) {
