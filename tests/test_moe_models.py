@@ -18,6 +18,7 @@ from sparsellm.activations.moe import (
     PackedExperts,
     load_balancing_loss,
     moe_layers,
+    pack_experts,
     router_z_loss,
     set_top_k,
     upcycle,
@@ -251,7 +252,9 @@ def test_training_with_aux_losses_lowers_the_loss_and_writes_plots(tmp_path):
     upcycle(model, num_experts=4, top_k=2, every=2, jitter=0.01)
     assert list(moe_layers(model)) == ["model.layers.1.mlp"]
     embedding = model.get_input_embeddings().weight.clone()
+    assert pack_experts(model) == 1  # as sparsellm.load leaves a model: training unpacks it first
     log = train(model, tokenizer, steps=12, batch_size=2, seqlen=32, lr=3e-3, only_moe=True)
+    assert not any(isinstance(layer.experts, PackedExperts) for layer in moe_layers(model).values())
     assert log.steps[-1]["task_loss"] < log.steps[0]["task_loss"]
     assert torch.equal(model.get_input_embeddings().weight, embedding)  # only the MoE layer trained
     assert log.usage.shape == (1, 4) and log.usage.sum().item() == 12 * 2 * 32 * 2

@@ -25,7 +25,7 @@ from ...errors import SparseLLMError
 from ...logging_utils import logger, progress
 from ...training.distill import distillation_loss, generate_windows, next_token_loss
 from .layer import load_balancing_loss, router_z_loss
-from .modeling import moe_layers
+from .modeling import moe_layers, unpack_experts
 
 LR_SCHEDULES = ("constant", "cosine")
 PROMPT_TOKENS = 16  # of a calibration window, continued by the teacher in distill_experts
@@ -99,6 +99,8 @@ def train(model: nn.Module, tokenizer, *, data: str | Text | torch.Tensor = "bui
     if not moe_layers(model):
         raise SparseLLMError("the model has no MoE layers to train")
     check_time_limit(time_limit)
+    if unpacked := unpack_experts(model):
+        logger.info("unpacked the experts of %d MoE layers to train them (pack_experts packs them again)", unpacked)
     windows = data if isinstance(data, torch.Tensor) else calibration_windows(tokenizer, data, seqlen)
     check_context(model, windows.shape[1])
     generator = torch.Generator().manual_seed(seed)
