@@ -363,3 +363,22 @@ def test_packed_layer_refuses_to_train_and_runs_without_the_kernels():
         assert torch_path.called
     with pytest.raises(SparseLLMError, match="packed for inference"):
         layer.train()(x)
+
+
+@pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")
+@pytest.mark.parametrize("backend", ["auto", "avx2"])
+def test_compiled_silu_holds_over_the_whole_float_range(backend):
+    """The kernel's own exp in SiLU (moe.cpp's exp8), gates from -300 to 300 (past where e^-x
+    overflows float32) and near zero, each neuron alone through the down row, against float64."""
+    if backend == "avx2" and "avx2" not in cpu_isas():
+        pytest.skip("this CPU has no AVX2")
+    gates = torch.cat([torch.linspace(-300, 300, 56), torch.linspace(-1e-4, 1e-4, 8)])
+    gate_up = torch.cat([gates, torch.ones(64)]).view(1, 128, 1)  # x = 1: gate = the weight, up = 1
+    one_token, first_expert = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long)
+    for index, gate in enumerate(gates.tolist()):
+        down = torch.zeros(1, 1, 64)
+        down[0, 0, index] = 1.0
+        with use_backend(backend):
+            got = extension().moe_experts(one_token, first_expert, torch.ones(1, 1), pack_gate_up(gate_up),
+                                          pack_down(down), backend != "avx2")
+        assert got.item() == pytest.approx(F.silu(torch.tensor(gate, dtype=torch.float64)).item(), rel=2e-6, abs=1e-30)
