@@ -363,6 +363,8 @@ def test_packed_layer_refuses_to_train_and_runs_without_the_kernels():
         assert torch_path.called
     with pytest.raises(SparseLLMError, match="packed for inference"):
         layer.train()(x)
+    with pytest.raises(SparseLLMError, match="SiLU-gated experts; this layer's use gelu"):
+        make_layer(activation="gelu_pytorch_tanh").pack_()
 
 
 @pytest.mark.skipif(extension() is None, reason="the kernels' extension did not build")

@@ -291,6 +291,8 @@ class MoELayer(nn.Module):
 
     def pack_(self) -> MoELayer:
         """Hold the experts for inference only, once, in the compiled kernels' layout (``PackedExperts``)."""
+        if self.experts.activation != "silu":
+            raise SparseLLMError(f"the MoE kernels run SiLU-gated experts; this layer's use {self.experts.activation}")
         if isinstance(self.experts, Experts):
             self.experts = PackedExperts(self.experts)
         return self

@@ -150,12 +150,13 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
 
 def pack_experts(model: nn.Module) -> int:
-    """Put every float32 MoE layer's experts in the compiled kernels' layout, in place (``MoELayer.pack_``:
-    one copy of the weights, inference only; the model still saves as before). Returns how many
-    layers were packed; ``unpack_experts`` undoes it (to train)."""
+    """Put every float32, SiLU-gated MoE layer's experts (what the kernels run) in the compiled kernels'
+    layout, in place (``MoELayer.pack_``: one copy of the weights, inference only; the model still saves
+    as before). Returns how many layers were packed; ``unpack_experts`` undoes it (to train)."""
     packed = 0
     for layer in moe_layers(model).values():
-        if isinstance(layer.experts, Experts) and layer.experts.gate_up_proj.dtype == torch.float32:
+        experts = layer.experts
+        if isinstance(experts, Experts) and experts.gate_up_proj.dtype == torch.float32 and experts.activation == "silu":
             layer.pack_()
             packed += 1
     return packed
