@@ -150,13 +150,15 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
 
 def pack_experts(model: nn.Module) -> int:
-    """Put every float32, SiLU-gated MoE layer's experts (what the kernels run) in the compiled kernels'
+    """Put every MoE layer's experts that the CPU kernels run (float32, SiLU-gated, on the CPU) in their
     layout, in place (``MoELayer.pack_``: one copy of the weights, inference only; the model still saves
     as before). Returns how many layers were packed; ``unpack_experts`` undoes it (to train)."""
     packed = 0
     for layer in moe_layers(model).values():
         experts = layer.experts
-        if isinstance(experts, Experts) and experts.gate_up_proj.dtype == torch.float32 and experts.activation == "silu":
+        if not isinstance(experts, Experts) or experts.activation != "silu":
+            continue
+        if experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.device.type == "cpu":
             layer.pack_()
             packed += 1
     return packed
