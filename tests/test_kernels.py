@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsellm.errors import SparseLLMError
-from sparsellm.kernels import Quantization, SparseLinear, backend, build, use_backend
+from sparsellm.kernels import Quantization, SparseLinear, backend, build, reference, use_backend
 from sparsellm.kernels.layouts import complete_24, pack_bits, unpack_bits
 
 BACKENDS = [*backend.cpu_isas(), "torch"]
@@ -186,3 +186,11 @@ def test_backend_choice():
         backend.select("neon")
     for isa in backend.cpu_isas():
         assert backend.self_check(isa) is None
+
+
+@pytest.mark.skipif(backend.extension() is None, reason="the kernels' extension did not build")
+def test_self_check_catches_a_wrong_moe_kernel(monkeypatch):
+    """The self-check covers the MoE kernel too: against a reference that differs, it names it."""
+    right = reference.moe_experts
+    monkeypatch.setattr(reference, "moe_experts", lambda *args: right(*args) * 1.001)
+    assert "MoE experts kernel is off by" in backend.self_check(backend.cpu_isas()[0])

@@ -10,16 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from sparsellm.activations.moe import MoEConfig, MoELayer, load_balancing_loss, router_z_loss
-from sparsellm.activations.moe.layer import (
-    WEIGHTINGS,
-    PackedExperts,
-    pack_down,
-    pack_gate_up,
-    unpack_down,
-    unpack_gate_up,
-)
+from sparsellm.activations.moe.layer import WEIGHTINGS, PackedExperts
 from sparsellm.errors import SparseLLMError
 from sparsellm.kernels.backend import cpu_isas, extension, use_backend
+from sparsellm.kernels.layouts import pack_down, pack_gate_up, unpack_down, unpack_gate_up
 
 HIDDEN, EXPERT_SIZE = 16, 8
 

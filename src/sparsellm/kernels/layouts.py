@@ -11,6 +11,9 @@ that a thread reads one contiguous run per panel and the panel of the input stay
 - ``2:4``: exactly two values per group of four columns, and their 2-bit positions in the group;
 - ``input_major`` (activation sparsity): the transposed matrix, one row per input feature, so the
   rows of inputs that are zero are never read.
+
+MoE experts (csrc/moe.cpp) have a layout of their own: each expert's weights in panels of
+``EXPERT_PANEL`` outputs, input-major (``pack_gate_up``, ``pack_down``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import SparseLLMError
 
@@ -28,6 +32,7 @@ CODECS = ("float32", "bfloat16", "float16", "uint8", "uint4")
 PANEL = 2048  # columns: the panel of x (8 KiB in fp32) stays in L1 next to the weight stream
 ALIGN = 64
 PADDING_BYTES = 64  # kernels may read one vector past the last value
+EXPERT_PANEL = 16  # csrc/moe.cpp's kPanel: a panel row is 8 gate + 8 up weights, or 16 down weights (64 bytes)
 
 
 @dataclass
@@ -108,7 +113,7 @@ def padded(size: int) -> int:
 
 
 def _pad_columns(matrix: torch.Tensor, cols: int) -> torch.Tensor:
-    return matrix if matrix.shape[1] == cols else torch.nn.functional.pad(matrix, (0, cols - matrix.shape[1]))
+    return matrix if matrix.shape[1] == cols else F.pad(matrix, (0, cols - matrix.shape[1]))
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
@@ -286,3 +291,35 @@ def _scales(quantization: Quantization, out_features: int, in_features: int, col
         return group, scale.contiguous(), bias.contiguous()
     group = quantization.group if quantization.group and quantization.group < in_features else padded(rows)
     return group, _pad_columns(scale.t(), cols).contiguous(), _pad_columns(bias.t(), cols).contiguous()
+
+
+def pack_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """(E, 2F, H) -> panels (E, ceil(F / 8), H, 16): panel p, row h = gate rows 8p..8p+7 then up rows
+    8p..8p+7 at column h, zeros past the last neuron."""
+    num_experts, hidden, width, neurons = gate_up.shape[0], gate_up.shape[2], gate_up.shape[1] // 2, EXPERT_PANEL // 2
+    panels = -(-width // neurons)
+    gate, up = (F.pad(half, (0, 0, 0, panels * neurons - width)).view(num_experts, panels, neurons, hidden)
+                for half in gate_up.chunk(2, dim=1))
+    return torch.stack([gate, up], 2).view(num_experts, panels, EXPERT_PANEL, hidden).transpose(2, 3).contiguous()
+
+
+def unpack_gate_up(panels: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of ``pack_gate_up``: (E, 2F, H) for F = ``width`` neurons."""
+    num_experts, count, hidden, _ = panels.shape
+    halves = panels.transpose(2, 3).reshape(num_experts, count, 2, EXPERT_PANEL // 2, hidden)
+    gate, up = (halves[:, :, half].reshape(num_experts, -1, hidden)[:, :width] for half in (0, 1))
+    return torch.cat([gate, up], dim=1)
+
+
+def pack_down(down: torch.Tensor) -> torch.Tensor:
+    """(E, H, F) -> panels (E, ceil(H / 16), F, 16): panel p, row f = down rows 16p..16p+15 at column f."""
+    num_experts, hidden, width = down.shape
+    panels = -(-hidden // EXPERT_PANEL)
+    padded = F.pad(down, (0, 0, 0, panels * EXPERT_PANEL - hidden))
+    return padded.view(num_experts, panels, EXPERT_PANEL, width).transpose(2, 3).contiguous()
+
+
+def unpack_down(panels: torch.Tensor, hidden: int) -> torch.Tensor:
+    """The inverse of ``pack_down``: (E, H, F) for H = ``hidden`` outputs."""
+    num_experts, count, width, _ = panels.shape
+    return panels.transpose(2, 3).reshape(num_experts, count * EXPERT_PANEL, width)[:, :hidden].contiguous()

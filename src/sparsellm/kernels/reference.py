@@ -92,3 +92,17 @@ def linear(layout: Layout, x: torch.Tensor, value: float | None = None, bias: to
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*x.shape[:-1], layout.out_features)
+
+
+def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """csrc/moe.cpp's ``moe_experts`` on unpacked weights, gate_up (E, 2F, H) and down (E, H, F): y[t] =
+    sum over t's assignments j with experts[t, j] >= 0 of weights[t, j] * down (silu(gate x) * up x)."""
+    output = torch.zeros_like(x)
+    for expert in experts.unique().tolist():
+        if expert < 0:  # a dropped assignment
+            continue
+        token, rank = (experts == expert).nonzero(as_tuple=True)
+        gate, up = (x[token] @ gate_up[expert].t()).chunk(2, dim=-1)
+        output.index_add_(0, token, (torch.nn.functional.silu(gate) * up) @ down[expert].t() * weights[token, rank, None])
+    return output

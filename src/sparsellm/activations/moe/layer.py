@@ -40,16 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import SparseLLMError
+from ...kernels.layouts import EXPERT_PANEL, pack_down, pack_gate_up, unpack_down, unpack_gate_up
 
 WEIGHTINGS = ("softmax", "normalized", "ones")
 # Batched dispatch pads every expert to the busiest one's count. Measured, E = 8, 256 tokens, top-1
 # (22 % padding): 1.21x one product per expert at H 576 / F 1536, 0.98x at H 2048 / F 5632. Past
 # this much padding the wasted rows cost more than the calls saved: loop over the experts.
 PADDED_DISPATCH_LIMIT = 1.5
-# Columns of one panel of packed experts (kernels/csrc/moe.cpp's kPanel): 8 gate + 8 up neurons, or 16 outputs.
-PANEL = 16
-
-
 @dataclass(frozen=True)
 class MoEConfig:
     """What one MoE layer is: E experts of ``expert_size`` neurons each, k of them per token."""
@@ -158,38 +155,6 @@ class Experts(nn.Module):
         return torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2))
 
 
-def pack_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
-    """(E, 2F, H) -> panels (E, ceil(F / 8), H, 16): panel p, row h = gate rows 8p..8p+7 then up rows
-    8p..8p+7 at column h, zeros past the last neuron."""
-    num_experts, hidden, width, neurons = gate_up.shape[0], gate_up.shape[2], gate_up.shape[1] // 2, PANEL // 2
-    panels = -(-width // neurons)
-    gate, up = (F.pad(half, (0, 0, 0, panels * neurons - width)).view(num_experts, panels, neurons, hidden)
-                for half in gate_up.chunk(2, dim=1))
-    return torch.stack([gate, up], 2).view(num_experts, panels, PANEL, hidden).transpose(2, 3).contiguous()
-
-
-def unpack_gate_up(panels: torch.Tensor, width: int) -> torch.Tensor:
-    """The inverse of ``pack_gate_up``: (E, 2F, H) for F = ``width`` neurons."""
-    num_experts, count, hidden, _ = panels.shape
-    halves = panels.transpose(2, 3).reshape(num_experts, count, 2, PANEL // 2, hidden)
-    gate, up = (halves[:, :, half].reshape(num_experts, -1, hidden)[:, :width] for half in (0, 1))
-    return torch.cat([gate, up], dim=1)
-
-
-def pack_down(down: torch.Tensor) -> torch.Tensor:
-    """(E, H, F) -> panels (E, ceil(H / 16), F, 16): panel p, row f = down rows 16p..16p+15 at column f."""
-    num_experts, hidden, width = down.shape
-    panels = -(-hidden // PANEL)
-    padded = F.pad(down, (0, 0, 0, panels * PANEL - hidden))
-    return padded.view(num_experts, panels, PANEL, width).transpose(2, 3).contiguous()
-
-
-def unpack_down(panels: torch.Tensor, hidden: int) -> torch.Tensor:
-    """The inverse of ``pack_down``: (E, H, F) for H = ``hidden`` outputs."""
-    num_experts, count, width, _ = panels.shape
-    return panels.transpose(2, 3).reshape(num_experts, count * PANEL, width)[:, :hidden].contiguous()
-
-
 class PackedExperts(nn.Module):
     """Experts for inference: the weights once, as the compiled kernels read them (``pack_gate_up``,
     ``pack_down``). Not trainable; ``state_dict`` reads and writes the unpacked ``gate_up_proj`` and
@@ -226,7 +191,7 @@ class PackedExperts(nn.Module):
                 buffer.copy_(panels)
 
     def extra_repr(self) -> str:
-        return f"experts={self.gate_up_panels.shape[0]}x{self.expert_size}, packed in panels of {PANEL}"
+        return f"experts={self.gate_up_panels.shape[0]}x{self.expert_size}, packed in panels of {EXPERT_PANEL}"
 
 
 class MoELayer(nn.Module):
