@@ -1,5 +1,5 @@
 // A mixture-of-experts MLP (activations/moe/layer.py) at inference, float32 throughout, on experts
-// packed for it (pack_gate_up / pack_down in layer.py): every expert's weights as panels of 16 outputs,
+// packed for it (pack_gate_up / pack_down in layouts.py): every expert's weights as panels of 16 outputs,
 // each panel stored input-major, so a panel row is the 16 weights one input feeds (one 64-byte line):
 //   gate_up (E, ceil(F / 8), H, 16): panel p, row h = gate rows 8p .. 8p+7, then up rows 8p .. 8p+7, at h
 //   down (E, ceil(H / 16), F, 16):   panel p, row f = down rows 16p .. 16p+15 at column f
