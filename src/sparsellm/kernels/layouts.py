@@ -315,8 +315,8 @@ def pack_down(down: torch.Tensor) -> torch.Tensor:
     """(E, H, F) -> panels (E, ceil(H / 16), F, 16): panel p, row f = down rows 16p..16p+15 at column f."""
     num_experts, hidden, width = down.shape
     panels = -(-hidden // EXPERT_PANEL)
-    padded = F.pad(down, (0, 0, 0, panels * EXPERT_PANEL - hidden))
-    return padded.view(num_experts, panels, EXPERT_PANEL, width).transpose(2, 3).contiguous()
+    outputs = F.pad(down, (0, 0, 0, panels * EXPERT_PANEL - hidden))  # zero rows up to whole panels
+    return outputs.view(num_experts, panels, EXPERT_PANEL, width).transpose(2, 3).contiguous()
 
 
 def unpack_down(panels: torch.Tensor, hidden: int) -> torch.Tensor:
