@@ -162,6 +162,8 @@ class PackedExperts(nn.Module):
 
     def __init__(self, experts: Experts) -> None:
         super().__init__()
+        if experts.activation != "silu":
+            raise SparseLLMError(f"the MoE kernels run SiLU-gated experts; this layer's use {experts.activation}")
         self.hidden_size, self.expert_size = experts.down_proj.shape[1:]
         self.activation = experts.activation
         self.register_buffer("gate_up_panels", pack_gate_up(experts.gate_up_proj.detach()))
@@ -256,8 +258,6 @@ class MoELayer(nn.Module):
 
     def pack_(self) -> MoELayer:
         """Hold the experts for inference only, once, in the compiled kernels' layout (``PackedExperts``)."""
-        if self.experts.activation != "silu":
-            raise SparseLLMError(f"the MoE kernels run SiLU-gated experts; this layer's use {self.experts.activation}")
         if isinstance(self.experts, Experts):
             self.experts = PackedExperts(self.experts)
         return self
@@ -327,10 +327,10 @@ class MoELayer(nn.Module):
 
     def _kernels(self, x: torch.Tensor):
         """(compiled extension, whether it may use AVX-512) when this call can run on sparsellm's
-        kernels: packed experts, no gradients wanted, float32 on the CPU, SiLU-gated, the kernels
+        kernels: packed (so SiLU-gated) experts, no gradients wanted, float32 on the CPU, the kernels
         built and not switched to ``torch``; else None."""
         router = list(self.router.parameters())
-        if not isinstance(self.experts, PackedExperts) or self.experts.activation != "silu" \
+        if not isinstance(self.experts, PackedExperts) \
                 or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *router))) \
                 or x.device.type != "cpu" or x.dtype != torch.float32 \
                 or any(t.dtype != torch.float32 for t in (*router, self.experts.gate_up_panels)):

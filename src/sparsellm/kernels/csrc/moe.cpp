@@ -271,46 +271,46 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& experts, const at:
       }
   });
 
-  // stage 1: silu(gate x) * (up x) * weight, threads splitting each expert's panels, written once in
-  // the grouped layout of stage 2's input (writing the gate and up sums for torch's SiLU and product
-  // instead made the call 4-14 % slower: two buffers and two more passes over them)
+  // Every busy expert's rows (`rows`, grouped) times each of its panels (`panel_weights`: E x panels,
+  // each depth x kPanel), threads splitting the panels; finish(e, p, count, sums) takes each product.
+  const auto each_panel = [&](const float* rows, const float* panel_weights, int64_t panels, int64_t depth,
+                              const auto& finish) {
+    at::parallel_for(0, panels, 1, [&](int64_t panel_begin, int64_t panel_end) {
+      std::vector<float> sums;
+      for (const int64_t e : busy) {
+        const int64_t count = start[e + 1] - start[e];
+        sums.resize(count * kPanel);
+        for (int64_t p = panel_begin; p < panel_end; ++p) {
+          products(rows + offset[e] * depth, count, panel_weights + (e * panels + p) * depth * kPanel, depth,
+                   sums.data());
+          finish(e, p, count, sums.data());
+        }
+      }
+    });
+  };
+
+  // stage 1: silu(gate x) * (up x) * weight, written once in the grouped layout of stage 2's input
+  // (writing the gate and up sums for torch's SiLU and product instead made the call 4-14 % slower:
+  // two buffers and two more passes over them)
   const SiluGated activate = avx2 ? silu_gated_avx2 : silu_gated_plain;
   at::Tensor activations = at::empty({offset[num_experts] * width}, x.options());
   float* activation = activations.data_ptr<float>();
-  const float* gate_up_weights = gate_up.data_ptr<float>();
-  at::parallel_for(0, gate_up_panels, 1, [&](int64_t panel_begin, int64_t panel_end) {
-    std::vector<float> sums;
-    for (const int64_t e : busy) {
-      const int64_t count = start[e + 1] - start[e];
-      sums.resize(count * kPanel);
-      for (int64_t p = panel_begin; p < panel_end; ++p) {
-        products(packed_inputs + offset[e] * hidden, count, gate_up_weights + (e * gate_up_panels + p) * hidden * kPanel,
-                 hidden, sums.data());
-        const int64_t f0 = p * neurons_per_panel;
-        activate(sums.data(), scale_of.data() + start[e], count, std::min(neurons_per_panel, width - f0), group, width,
-                 activation + packed_at(e, 0, f0, width));
-      }
-    }
-  });
+  each_panel(packed_inputs, gate_up.data_ptr<float>(), gate_up_panels, hidden,
+             [&](int64_t e, int64_t p, int64_t count, const float* sums) {
+               const int64_t f0 = p * neurons_per_panel;
+               activate(sums, scale_of.data() + start[e], count, std::min(neurons_per_panel, width - f0), group,
+                        width, activation + packed_at(e, 0, f0, width));
+             });
 
-  // stage 2: y[t] += down activations, threads splitting the output panels
+  // stage 2: y[t] += down activations
   at::Tensor output = at::zeros({tokens, hidden}, x.options());
   float* out = output.data_ptr<float>();
-  const float* down_weights = down.data_ptr<float>();
-  at::parallel_for(0, down_panels, 1, [&](int64_t panel_begin, int64_t panel_end) {
-    std::vector<float> sums;
-    for (const int64_t e : busy) {
-      const int64_t count = start[e + 1] - start[e];
-      sums.resize(count * kPanel);
-      for (int64_t p = panel_begin; p < panel_end; ++p) {
-        products(activation + offset[e] * width, count, down_weights + (e * down_panels + p) * width * kPanel, width,
-                 sums.data());
-        const int64_t h0 = p * kPanel, outputs = std::min(kPanel, hidden - h0);
-        for (int64_t i = 0; i < count; ++i)
-          for (int64_t n = 0; n < outputs; ++n) out[token_of[start[e] + i] * hidden + h0 + n] += sums[i * kPanel + n];
-      }
-    }
-  });
+  each_panel(activation, down.data_ptr<float>(), down_panels, width,
+             [&](int64_t e, int64_t p, int64_t count, const float* sums) {
+               const int64_t h0 = p * kPanel, outputs = std::min(kPanel, hidden - h0);
+               for (int64_t i = 0; i < count; ++i)
+                 for (int64_t n = 0; n < outputs; ++n) out[token_of[start[e] + i] * hidden + h0 + n] += sums[i * kPanel + n];
+             });
   return output;
 }
 
