@@ -6,7 +6,10 @@
 // and one 256-bit pshufb puts each kept value in the high half of its lane (no widening step).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -259,25 +262,32 @@ inline const uint8_t* row_codes(const Weights& w, const uint64_t* mask, int64_t 
 // GB/s); here one mask byte (2:4: one byte of positions) per 8 columns read from memory, the value
 // pointer advanced by its popcount, and no format branch in the loop. (A popcount of the bits
 // below each byte of a 64-bit word, as before, cost two more operations per 8 weights.)
-template <int F, int NB>
-inline void row_panel_bf16(const Weights& w, const Batch& b, int64_t p, int64_t r, int64_t t0) {
+// Calls visit(k, q, weights) for the 8 weights at columns 64 k + 8 q of the panel, in order.
+template <int F, typename Visit>
+inline void each_block_bf16(const Weights& w, int64_t p, int64_t r, Visit&& visit) {
   const int64_t words = w.panel_width(p) / 64, first = w.value_start(p, r);
-  const float* x = b.x + t0 * b.x_stride + p * w.panel;
   const uint16_t* v = static_cast<const uint16_t*>(w.values) + first;
   const uint8_t* codes = row_codes<F>(w, F == kBitmask ? w.mask + w.rows * (p * w.panel / 64) + r * words : nullptr, first);
-  __m256 acc[NB][2];
-  for (int t = 0; t < NB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < words; ++k) {
     _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     if (F == kBitmask && (k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + 8 * k) + kPrefetchBytes / 4, _MM_HINT_T0);
     for (int q = 0; q < 8; ++q) {
       const unsigned m = codes[8 * k + q];
-      const __m256 weights = expand_bf16(v, F == kBitmask ? kTables.bf16_to_fp32[m] : kTables.nm24_to_fp32[m]);
+      visit(k, q, expand_bf16(v, F == kBitmask ? kTables.bf16_to_fp32[m] : kTables.nm24_to_fp32[m]));
       v += F == kBitmask ? popcount(m) : 4;
-      for (int t = 0; t < NB; ++t)
-        acc[t][q & 1] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + t * b.x_stride + 64 * k + 8 * q), acc[t][q & 1]);
     }
   }
+}
+
+template <int F, int NB>
+inline void row_panel_bf16(const Weights& w, const Batch& b, int64_t p, int64_t r, int64_t t0) {
+  const float* x = b.x + t0 * b.x_stride + p * w.panel;
+  __m256 acc[NB][2];
+  for (int t = 0; t < NB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  each_block_bf16<F>(w, p, r, [&](int64_t k, int q, __m256 weights) {
+    for (int t = 0; t < NB; ++t)
+      acc[t][q & 1] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + t * b.x_stride + 64 * k + 8 * q), acc[t][q & 1]);
+  });
   for (int t = 0; t < NB; ++t) b.y[(t0 + t) * b.y_stride + r] += hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
@@ -286,18 +296,6 @@ inline void row_panel_any(const Weights& w, const Batch& b, int64_t p, int64_t r
   if (C == kBF16 && w.format == kBitmask) row_panel_bf16<kBitmask, NB>(w, b, p, r, t0);
   else if (C == kBF16 && w.format == kNM24) row_panel_bf16<kNM24, NB>(w, b, p, r, t0);
   else row_panel<C, NB>(w, b, p, r, t0);
-}
-
-template <int C>
-void gemv_codec(const Weights& w, const Batch& b, int64_t row_begin, int64_t row_end) {
-  for (int64_t p = 0; p < w.panels(); ++p) {
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      int64_t t = 0;
-      for (; t + 4 <= b.n; t += 4) row_panel_any<C, 4>(w, b, p, r, t);
-      if (t + 2 <= b.n) { row_panel_any<C, 2>(w, b, p, r, t); t += 2; }
-      if (t < b.n) row_panel_any<C, 1>(w, b, p, r, t);
-    }
-  }
 }
 
 template <int C>
@@ -310,6 +308,84 @@ void decode_codec(const Weights& w, int64_t p, int64_t row_begin, int64_t row_en
       Block blk;
       cursor.step(s, blk);
       for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + 32 * s + 8 * q, blk.w[q]);
+    }
+  }
+}
+
+// Products of more tokens than a GEMV group: the GEMV decodes each row again for every 4 tokens,
+// and torch's fp32 GEMM ran 16 tokens at ~30 GFLOP/s on the Zen 3 (MKL on an AMD CPU). Here each
+// block of kTileRows rows is decoded once per panel into fp32, then multiplied with all tokens by a
+// register tile of kTileRows rows x kTileTokens tokens (12 accumulators, a weight vector loaded once
+// per 3 FMAs) over sub-panels of kSubPanel columns, so decoded rows and inputs stay in L1.
+constexpr int kTileRows = 4, kTileTokens = 3;
+constexpr int64_t kSubPanel = 256;
+
+// y[t][i] += rows[i] . x[t] over `width` columns, for the tile's rows i < valid and NT tokens t.
+template <int NT>
+inline void tile_rows(const float* rows, int64_t ld, const float* x, int64_t x_stride, int64_t width, float* y,
+                      int64_t y_stride, int64_t valid) {
+  __m256 acc[kTileRows][NT];
+  for (int i = 0; i < kTileRows; ++i)
+    for (int t = 0; t < NT; ++t) acc[i][t] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < width; c += 8) {
+    for (int i = 0; i < kTileRows; ++i) {
+      const __m256 weights = _mm256_loadu_ps(rows + i * ld + c);
+      for (int t = 0; t < NT; ++t) acc[i][t] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + t * x_stride + c), acc[i][t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {  // the four rows' sums side by side: [row 0, row 1, row 2, row 3]
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][t], acc[1][t]), _mm256_hadd_ps(acc[2][t], acc[3][t]));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+    float* out = y + t * y_stride;
+    if (valid == kTileRows) {
+      _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), sums));
+    } else {
+      alignas(16) float lane[4];
+      _mm_store_ps(lane, sums);
+      for (int i = 0; i < valid; ++i) out[i] += lane[i];
+    }
+  }
+}
+
+template <int C>
+void gemm_codec(const Weights& w, const Batch& b, int64_t row_begin, int64_t row_end) {
+  std::vector<float> rows(kTileRows * w.panel, 0.0f);  // rows past `valid` keep old values: their sums are dropped
+  for (int64_t p = 0; p < w.panels(); ++p) {
+    const int64_t width = w.panel_width(p);
+    for (int64_t r = row_begin; r < row_end; r += kTileRows) {
+      const int64_t valid = std::min<int64_t>(kTileRows, row_end - r);
+      for (int64_t i = 0; i < valid; ++i) {
+        float* out = rows.data() + i * width;
+        auto store = [out](int64_t k, int q, __m256 weights) { _mm256_storeu_ps(out + 64 * k + 8 * q, weights); };
+        if (C == kBF16 && w.format == kBitmask) each_block_bf16<kBitmask>(w, p, r + i, store);
+        else if (C == kBF16 && w.format == kNM24) each_block_bf16<kNM24>(w, p, r + i, store);
+        else decode_codec<C>(w, p, r + i, r + i + 1, out, width);
+      }
+      for (int64_t s = 0; s < width; s += kSubPanel) {
+        const int64_t cols = std::min(kSubPanel, width - s);
+        const float* decoded = rows.data() + s;
+        auto tile = [&](auto tokens, int64_t t) {
+          tile_rows<decltype(tokens)::value>(decoded, width, b.x + t * b.x_stride + p * w.panel + s, b.x_stride, cols,
+                                             b.y + t * b.y_stride + r, b.y_stride, valid);
+        };
+        int64_t t = 0;
+        for (; t + kTileTokens <= b.n; t += kTileTokens) tile(std::integral_constant<int, kTileTokens>{}, t);
+        if (b.n - t == 2) tile(std::integral_constant<int, 2>{}, t);
+        if (b.n - t == 1) tile(std::integral_constant<int, 1>{}, t);
+      }
+    }
+  }
+}
+
+template <int C>
+void gemv_codec(const Weights& w, const Batch& b, int64_t row_begin, int64_t row_end) {
+  if (b.n > 4) return gemm_codec<C>(w, b, row_begin, row_end);
+  for (int64_t p = 0; p < w.panels(); ++p) {
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      int64_t t = 0;
+      for (; t + 4 <= b.n; t += 4) row_panel_any<C, 4>(w, b, p, r, t);
+      if (t + 2 <= b.n) { row_panel_any<C, 2>(w, b, p, r, t); t += 2; }
+      if (t < b.n) row_panel_any<C, 1>(w, b, p, r, t);
     }
   }
 }
@@ -349,17 +425,18 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
 // + 50 % inputs ran slower than the dense input-major rows), and each y vector is loaded and stored
 // once per `kRows` rows instead of once per row.
 template <int F, int kRows>
-inline void input_major_rows_bf16(const Weights& w, const Batch& b, const int32_t* inputs, int64_t next_input) {
+inline void input_major_rows_bf16(const Weights& w, const Batch& b, const int32_t* inputs, const int32_t* next_inputs) {
   const int64_t words = w.cols / 64;
   const uint16_t* values = static_cast<const uint16_t*>(w.values);
-  int64_t start[kRows];
-  const uint8_t* codes[kRows];
+  int64_t start[kRows], ahead[kRows];
+  const uint8_t *codes[kRows], *next_codes[kRows];
   for (int r = 0; r < kRows; ++r) {
     start[r] = w.value_start(0, inputs[r]);
     codes[r] = row_codes<F>(w, F == kBitmask ? w.mask + inputs[r] * words : nullptr, start[r]);
+    // the next rows are not adjacent to these: each is fetched alongside one of these, at the same position
+    ahead[r] = w.value_start(0, next_inputs[r]) - start[r];
+    next_codes[r] = row_codes<F>(w, F == kBitmask ? w.mask + next_inputs[r] * words : nullptr, ahead[r] + start[r]);
   }
-  // the rows after these are not adjacent: fetch them alongside, at the same position
-  const int64_t ahead = w.value_start(0, next_input) - start[0];
   for (int64_t t0 = 0; t0 < b.n; t0 += 4) {  // tokens in groups of 4; the rows are re-read from cache
     __m256 scale[4][kRows];
     int64_t tokens[4], used = 0;
@@ -377,10 +454,12 @@ inline void input_major_rows_bf16(const Weights& w, const Batch& b, const int32_
     for (int r = 0; r < kRows; ++r) v[r] = values + start[r];
     for (int64_t k = 0; k < words; ++k) {
       for (int r = 0; r < kRows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(v[r]) + kPrefetchBytes, _MM_HINT_T0);
-        if (F == kDense) _mm_prefetch(reinterpret_cast<const char*>(v[r]) + kPrefetchBytes + 64, _MM_HINT_T0);
+        for (int line = 0; line < (F == kDense ? 2 : 1); ++line) {  // the bytes a row consumes per 64 columns
+          _mm_prefetch(reinterpret_cast<const char*>(v[r]) + kPrefetchBytes + 64 * line, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(v[r] + ahead[r]) + 64 * line, _MM_HINT_T0);
+        }
+        if (F == kBitmask && (k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_codes[r] + 8 * k), _MM_HINT_T0);
       }
-      _mm_prefetch(reinterpret_cast<const char*>(v[0] + ahead), _MM_HINT_T0);
       for (int q = 0; q < 8; ++q) {
         __m256 weights[kRows];
         for (int r = 0; r < kRows; ++r) {
@@ -408,9 +487,9 @@ template <int F>
 void input_major_bf16(const Weights& w, const Batch& b, const Active& a) {
   constexpr int kRows = F == kDense ? 4 : 2;  // a sparse row's decoding needs more registers
   int64_t n = 0;
-  for (; n + kRows <= a.count; n += kRows)
-    input_major_rows_bf16<F, kRows>(w, b, a.inputs + n, a.inputs[n + kRows < a.count ? n + kRows : n]);
-  for (; n < a.count; ++n) input_major_rows_bf16<F, 1>(w, b, a.inputs + n, a.inputs[n]);
+  for (; n + kRows <= a.count; n += kRows)  // the next group's rows are fetched alongside (the last group: its own)
+    input_major_rows_bf16<F, kRows>(w, b, a.inputs + n, a.inputs + (n + 2 * kRows <= a.count ? n + kRows : n));
+  for (; n < a.count; ++n) input_major_rows_bf16<F, 1>(w, b, a.inputs + n, a.inputs + (n + 1 < a.count ? n + 1 : n));
 }
 
 template <template <int> class F, typename... A>
