@@ -368,9 +368,9 @@ void gemm_codec(const Weights& w, const Batch& b, int64_t row_begin, int64_t row
           tile_rows<decltype(tokens)::value>(decoded, width, b.x + t * b.x_stride + p * w.panel + s, b.x_stride, cols,
                                              b.y + t * b.y_stride + r, b.y_stride, valid);
         };
-        int64_t t = 0;
-        for (; t + kTileTokens <= b.n; t += kTileTokens) tile(std::integral_constant<int, kTileTokens>{}, t);
-        if (b.n - t == 2) tile(std::integral_constant<int, 2>{}, t);
+        int64_t t = 0;  // groups of 3 tokens, the last 4 as 2 + 2 (a group of 1 loads a weight per FMA)
+        for (; b.n - t >= kTileTokens && b.n - t != 4; t += kTileTokens) tile(std::integral_constant<int, kTileTokens>{}, t);
+        for (; b.n - t >= 2; t += 2) tile(std::integral_constant<int, 2>{}, t);
         if (b.n - t == 1) tile(std::integral_constant<int, 1>{}, t);
       }
     }
