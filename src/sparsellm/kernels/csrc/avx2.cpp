@@ -302,8 +302,11 @@ template <int C>
 void decode_codec(const Weights& w, int64_t p, int64_t row_begin, int64_t row_end, float* out, int64_t ld) {
   const int64_t steps = w.panel_width(p) / 32;
   for (int64_t r = row_begin; r < row_end; ++r) {
-    RowCursor<C> cursor(w, p, r);
     float* o = out + (r - row_begin) * ld;
+    auto store = [o](int64_t k, int q, __m256 weights) { _mm256_storeu_ps(o + 64 * k + 8 * q, weights); };
+    if (C == kBF16 && w.format == kBitmask) { each_block_bf16<kBitmask>(w, p, r, store); continue; }
+    if (C == kBF16 && w.format == kNM24) { each_block_bf16<kNM24>(w, p, r, store); continue; }
+    RowCursor<C> cursor(w, p, r);
     for (int64_t s = 0; s < steps; ++s) {
       Block blk;
       cursor.step(s, blk);
@@ -354,13 +357,7 @@ void gemm_codec(const Weights& w, const Batch& b, int64_t row_begin, int64_t row
     const int64_t width = w.panel_width(p);
     for (int64_t r = row_begin; r < row_end; r += kTileRows) {
       const int64_t valid = std::min<int64_t>(kTileRows, row_end - r);
-      for (int64_t i = 0; i < valid; ++i) {
-        float* out = rows.data() + i * width;
-        auto store = [out](int64_t k, int q, __m256 weights) { _mm256_storeu_ps(out + 64 * k + 8 * q, weights); };
-        if (C == kBF16 && w.format == kBitmask) each_block_bf16<kBitmask>(w, p, r + i, store);
-        else if (C == kBF16 && w.format == kNM24) each_block_bf16<kNM24>(w, p, r + i, store);
-        else decode_codec<C>(w, p, r + i, r + i + 1, out, width);
-      }
+      decode_codec<C>(w, p, r, r + valid, rows.data(), width);
       for (int64_t s = 0; s < width; s += kSubPanel) {
         const int64_t cols = std::min(kSubPanel, width - s);
         const float* decoded = rows.data() + s;
