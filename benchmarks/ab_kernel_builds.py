@@ -1,0 +1,102 @@
+"""A/B of two builds of sparsellm's compiled kernels in one process (issue 4).
+
+A kernel change is judged against the build before it on the same machine, at the same moment:
+run-to-run noise on shared CPUs is larger than most kernel changes. Both compiled modules are
+loaded side by side (their names differ by build key), every variant of bench_kernels.py gets one
+ring of layouts that both builds read, and the calls are interleaved round by round; the table
+gives medians and the speedup of the second build over the first.
+
+    # the .so files are in <cache>/kernels/<build key>/, one per source state
+    flock /tmp/sparsellm-heavy.lock python benchmarks/ab_kernel_builds.py OLD.so NEW.so --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsellm.kernels import SparseLinear
+from sparsellm.kernels.backend import DENSE_BLOCK_BYTES, ISA_CODES
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_kernels import RING_BYTES, pruned_weight, tensor_ring
+
+
+def load_build(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).name.split(".")[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(builds, isa: str, shape, batch: int, rounds: int, generator) -> None:
+    x = torch.randn(batch, shape[1], generator=generator)
+    sparse_x = x * (torch.rand(x.shape, generator=generator) >= 0.5)
+    half = pruned_weight(shape, 0.5, "unstructured", generator)
+    dense = torch.randn(shape, generator=generator)
+    variants = {"sparsellm dense bf16": (dense, "dense", None), "bitmask 50%": (half, "bitmask", None),
+                "bitmask 70%": (pruned_weight(shape, 0.7, "unstructured", generator), "bitmask", None),
+                "2:4": (pruned_weight(shape, 0.5, "2:4", generator), "2:4", None),
+                "activations 50%": (dense, "dense", 0.0), "bitmask 50% + act. 50%": (half, "bitmask", 0.0)}
+    calls = {"torch fp32": [lambda w=w: F.linear(x, w) for w in tensor_ring(dense)]}
+    calls["torch bf16"] = [lambda w=w: F.linear(x.to(torch.bfloat16), w) for w in tensor_ring(dense.to(torch.bfloat16))]
+    for name, (weight, form, threshold) in variants.items():
+        layer = SparseLinear.from_dense(weight.to(torch.bfloat16), format=form, dtype=None, threshold=threshold)
+        count = max(2, -(-RING_BYTES // layer.layout.nbytes))
+        ring = [replace(layer.layout, **{k: v.clone() for k, v in layer.layout.tensors.items()}) for _ in range(count)]
+        given = (x if threshold is None else sparse_x).to(torch.bfloat16)
+        cut = -1.0 if threshold is None else threshold
+        for tag, build in builds.items():
+            handles = [build.handle(item.out_features, item.in_features, *item.kernel_args()) for item in ring]
+            calls[f"{name} {tag}"] = [lambda h=h, build=build, given=given, cut=cut: build.linear(
+                given, h, ISA_CODES[isa], cut, True, None, DENSE_BLOCK_BYTES) for h in handles]
+        first, second = (calls[f"{name} {tag}"][0]().float() for tag in builds)
+        torch.testing.assert_close(first, second, rtol=2e-2, atol=2e-2 * first.abs().max().item())
+    seconds = {name: [] for name in calls}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, ring in calls.items():
+                started = time.perf_counter()
+                for call in ring:
+                    call()
+                seconds[name].append((time.perf_counter() - started) / len(ring))
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    baseline = min(median["torch fp32"], median["torch bf16"])
+    old, new = builds
+    print(f"\n{shape[0]}x{shape[1]}, batch {batch}, {isa}, medians of {rounds} interleaved rounds; torch fp32 "
+          f"{median['torch fp32'] * 1e3:.3f} ms, bf16 {median['torch bf16'] * 1e3:.3f} ms")
+    print(f"| variant | {old} ms | {new} ms | speedup | {old} vs torch | {new} vs torch |\n|---|---|---|---|---|---|")
+    for name in variants:
+        a, b = median[f"{name} {old}"], median[f"{name} {new}"]
+        print(f"| {name} | {a * 1e3:.3f} | {b * 1e3:.3f} | {a / b:.2f} | {baseline / a:.2f} | {baseline / b:.2f} |",
+              flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", help="the compiled module of the first build (.so)")
+    parser.add_argument("new", help="the compiled module of the second build (.so)")
+    parser.add_argument("--isa", default="avx2", choices=sorted(ISA_CODES))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape", action="append", help="OUTxIN (repeatable; default 4096x4096)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    builds = {"old": load_build(args.old), "new": load_build(args.new)}
+    generator = torch.Generator().manual_seed(0)
+    for shape in [tuple(map(int, s.split("x"))) for s in args.shape or ["4096x4096"]]:
+        measure(builds, args.isa, shape, args.batch, args.rounds, generator)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
