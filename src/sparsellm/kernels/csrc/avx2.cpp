@@ -490,11 +490,12 @@ void input_major_bf16(const Weights& w, const Batch& b, const Active& a) {
 }
 
 // Input-major products of more than 4 tokens: the rows above are decoded again for every 4 tokens.
-// Here the outputs go in blocks of kColumnBlock columns; in each block the active rows, 8 at a
-// time (4 at a time: 1.2-1.4x slower), are decoded once into fp32 (in L1), then each token's part of y is loaded
-// and stored once for the 8 rows' FMAs. (Decoding 8 columns and then visiting every token's y there,
-// 16 rows of y a matrix row apart, ran 3x slower: those rows share L1 sets.) `next` holds each row's next value (a
-// bitmask row's values are found by walking its mask), `scale` the inputs, (row, token) row-major.
+// Here the outputs go in blocks of kColumnBlock columns; in each block the active rows, 8 at a time
+// (4 at a time: 1.2-1.4x slower), are decoded once into fp32 (in L1), then each token's part of y
+// is loaded and stored once for the 8 rows' FMAs. (Decoding 8 columns and then visiting every
+// token's y there, 16 rows of y a matrix row apart, ran 3x slower: those rows share L1 sets.)
+// `next` holds each row's next value (a bitmask row's values are found by walking its mask),
+// `scale` the inputs, (row, token) row-major.
 constexpr int64_t kColumnBlock = 512;
 
 template <int F, int kRows>
