@@ -9,10 +9,8 @@ Parts (all by default):
 
 Speed: greedy decoding of 128 tokens at batch 1 and a forward pass over a 512-token prompt,
 variants interleaved run by run, medians, ratios to the faster of dense float32 / bfloat16. The
-sparsellm rows run the model as ``sparsellm generate`` does by default: computing in
-``compute_dtype()`` (bfloat16 where the CPU has bfloat16 arithmetic, else float32), values stored in
-bfloat16, the output layer on sparsellm's dense kernel too; one row keeps torch's output layer, to
-show that share. (Before 2026-11-30 the sparsellm rows computed in bfloat16 everywhere.)
+sparsellm rows run the model as ``sparsellm.load`` gives it (bfloat16: the output layer on
+sparsellm's dense kernel too); one row keeps torch's output layer, to show that share.
 
     flock /tmp/sparsellm-heavy.lock python benchmarks/bench_decode.py --threads 2
 """
@@ -31,7 +29,7 @@ import torch
 import sparsellm
 from sparsellm import speed
 from sparsellm.activations import calibrate, held_out_sparsity
-from sparsellm.kernels import backend, compute_dtype, use_kernels
+from sparsellm.kernels import backend, use_kernels
 from sparsellm.logging_utils import configure
 from sparsellm.models import load_model, sample_model_path
 
@@ -68,15 +66,13 @@ def sample_folder(work: Path) -> Path:
 def speed_rows(folder: Path, activation_sparsity: float | None, repeats: int, tokens: int, prefill: int,
                windows: torch.Tensor | None) -> list[dict]:
     variants = {name: load_model(folder, dtype=dtype)[0] for name, dtype in speed.DENSE.items()}
-    # as `generate` / `bench` run it: computing in compute_dtype() (bfloat16 where the CPU has bfloat16
-    # arithmetic, else float32), values stored in bfloat16, the output layer and any unpruned linear
-    # on sparsellm's dense kernel too; the next row leaves those to torch
-    compute = compute_dtype()
-    variants["sparsellm 50%"] = sparsellm.load(folder, dtype=compute, weight_dtype=torch.bfloat16, kernels="auto")
-    variants["sparsellm 50%, torch output layer"] = load_model(folder, dtype=compute)[0]
+    # as sparsellm.load runs bfloat16 (values stored in bfloat16 whatever the folder holds): the output
+    # layer, and any unpruned linear, on sparsellm's dense kernel too; the next row leaves them to torch
+    variants["sparsellm 50%"] = sparsellm.load(folder, dtype=torch.bfloat16, kernels="auto")
+    variants["sparsellm 50%, torch output layer"] = load_model(folder, dtype=torch.bfloat16)[0]
     use_kernels(variants["sparsellm 50%, torch output layer"], "auto", dtype=torch.bfloat16)
     if activation_sparsity:
-        model = load_model(folder, dtype=compute)[0]
+        model = load_model(folder, dtype=torch.bfloat16)[0]
         result = calibrate(model, None, activation_sparsity, windows=windows)
         use_kernels(model, "auto", dtype=torch.bfloat16, thresholds=result.thresholds,
                     activation_sparsity=result.targets, dense_layers=True)
@@ -136,8 +132,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     configure(-1)
     print(f"kernels: {backend.current().name} ({backend.current().reason}); {args.threads} threads; "
-          f"torch {torch.__version__}; sparsellm rows compute in {str(compute_dtype()).removeprefix('torch.')}",
-          flush=True)
+          f"torch {torch.__version__}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(args.work or temporary)
