@@ -7,8 +7,6 @@ weights from 6 tokens on (here: 17 and 32 tokens in test_float_formats, test_bfl
 the random shapes).
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -197,13 +195,3 @@ def test_self_check_catches_a_wrong_moe_kernel(monkeypatch):
     right = reference.moe_experts
     monkeypatch.setattr(reference, "moe_experts", lambda *args: right(*args) * 1.001)
     assert "MoE experts kernel is off by" in backend.self_check(backend.cpu_isas()[0])
-
-
-def test_compute_dtype_follows_the_cpu():
-    """bfloat16 compute only where the CPU has AVX512_BF16, read here from /proc/cpuinfo rather than
-    from the kernels' own CPUID check."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if backend.extension() is None or not cpuinfo.exists():
-        pytest.skip("needs the compiled kernels and /proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split())
-    assert backend.compute_dtype() == (torch.bfloat16 if "avx512_bf16" in flags else torch.float32)

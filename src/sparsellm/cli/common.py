@@ -19,20 +19,6 @@ def add_model(parser: argparse.ArgumentParser, dtype_flag: str = "--dtype", reci
     parser.add_argument("--max-memory", help="with --offload-folder: CPU memory for weights, e.g. 2GB")
 
 
-def add_kernel_dtype(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="auto",
-                        help="compute dtype on the kernels (default auto: bfloat16 where the CPU multiplies it in "
-                             "hardware, else float32; weights stay in 16 bits)")
-
-
-def kernel_dtype(name: str):
-    """The compute dtype ``--dtype`` names (``add_kernel_dtype``)."""
-    from ..kernels import compute_dtype
-    from ..models import parse_dtype
-
-    return compute_dtype() if name == "auto" else parse_dtype(name)
-
-
 def add_eval(parser: argparse.ArgumentParser, prefix: str = "", recipe: bool = False) -> None:
     def default(value):
         return argparse.SUPPRESS if recipe else value

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import SparseLLMError
 from ..kernels import load
-from .common import add_kernel_dtype, kernel_dtype
+from ..models import parse_dtype
 
 
 def add_parser(commands) -> None:
@@ -20,7 +20,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     parser.add_argument("--kernels", default="auto", choices=["auto", "sparse", "dense"],
                         help="sparse kernels (auto: dense GEMM for long prompts), or plain dense torch")
-    add_kernel_dtype(parser)
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -32,9 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise SparseLLMError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    # auto: 16-bit storage whatever the compute dtype (an explicit --dtype keeps load's rule)
-    model = load(args.folder, kernel_dtype(args.dtype), args.kernels,
-                 weight_dtype=torch.bfloat16 if args.dtype == "auto" else None)
+    dtype = parse_dtype(args.dtype)
+    model = load(args.folder, dtype, args.kernels)
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):

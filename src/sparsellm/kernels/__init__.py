@@ -6,10 +6,10 @@
 (csrc/, AVX-512 or AVX2) or the PyTorch fallback are chosen in backend.py.
 """
 
-from .backend import Backend, compute_dtype, current, use_backend
+from .backend import Backend, current, use_backend
 from .layouts import Layout, Quantization, build
 from .linear import SparseLinear
 from .model import KernelReport, load, use_kernels
 
-__all__ = ["Backend", "KernelReport", "Layout", "Quantization", "SparseLinear", "build", "compute_dtype", "current", "load",
+__all__ = ["Backend", "KernelReport", "Layout", "Quantization", "SparseLinear", "build", "current", "load",
            "use_backend", "use_kernels"]

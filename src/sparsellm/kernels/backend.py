@@ -90,15 +90,6 @@ def cpu_isas() -> list[str]:
     return list(module.cpu_isas()) if module is not None else []
 
 
-def compute_dtype() -> torch.dtype:
-    """The dtype a model on the kernels should compute in here: bfloat16 where the CPU multiplies it
-    in hardware (AVX512_BF16, as on Xeons with AMX), else float32, with the weights still stored in
-    16 bits. Without it every bfloat16 operation outside the kernels converts (sample model, Zen 3:
-    decode 1.18x -> 1.29x dense bfloat16, prefill 0.84x -> 0.92x dense float32 in float32)."""
-    module = extension()
-    return torch.bfloat16 if module is not None and module.bf16_dot_products() else torch.float32
-
-
 def _self_check_cases() -> Iterator[tuple[Layout, torch.Tensor, float | None]]:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 200, generator=generator)
