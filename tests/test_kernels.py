@@ -96,7 +96,7 @@ def test_quantized_formats(name, form, bits):
 @pytest.mark.parametrize("form", ["dense", "bitmask", "2:4"])
 def test_activation_sparsity(name, form):
     generator = torch.Generator().manual_seed(3)
-    # (2500, 301, 9): more tokens than a GEMV group, over several blocks of 1024 outputs
+    # (2500, 301, 9): more tokens than a GEMV group, over several blocks of 512 outputs
     for rows, cols, batch in [(1, 1, 1), (77, 190, 1), (2100, 300, 4), (64, 3000, 11), (2500, 301, 9)]:
         weight = random_weight(rows, cols, 0.5, generator).to(torch.bfloat16)
         if form == "2:4":

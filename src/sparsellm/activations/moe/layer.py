@@ -47,6 +47,8 @@ WEIGHTINGS = ("softmax", "normalized", "ones")
 # (22 % padding): 1.21x one product per expert at H 576 / F 1536, 0.98x at H 2048 / F 5632. Past
 # this much padding the wasted rows cost more than the calls saved: loop over the experts.
 PADDED_DISPATCH_LIMIT = 1.5
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """What one MoE layer is: E experts of ``expert_size`` neurons each, k of them per token."""

@@ -257,6 +257,20 @@ inline const uint8_t* row_codes(const Weights& w, const uint64_t* mask, int64_t 
   return F == kNM24 ? reinterpret_cast<const uint8_t*>(w.positions + first / 16) : nullptr;
 }
 
+// The next 8 weights of a bfloat16 row (dense, bitmask or 2:4) as fp32, `v` moved past their values;
+// `code` is their mask byte (bitmask) or position byte (2:4), unused for dense rows.
+template <int F>
+inline __m256 next_bf16(const uint16_t*& v, unsigned code) {
+  if (F == kDense) {
+    const __m256 weights = widen_bf16(load128(v));
+    v += 8;
+    return weights;
+  }
+  const __m256 weights = expand_bf16(v, F == kBitmask ? kTables.bf16_to_fp32[code] : kTables.nm24_to_fp32[code]);
+  v += F == kBitmask ? popcount(code) : 4;
+  return weights;
+}
+
 // bfloat16 bitmask and 2:4 rows, the formats pruning produces most: the generic cursor above spends
 // ~70 instructions per 32 weights, most of them bookkeeping (the loop was bound by them at 6-10
 // GB/s); here one mask byte (2:4: one byte of positions) per 8 columns read from memory, the value
@@ -274,11 +288,7 @@ inline void each_block_bf16(const Weights& w, int64_t p, int64_t r, Visit&& visi
     // unrolled, so that a visitor's q & 1 names a register (GCC left this loop rolled for 4 tokens,
     // and the accumulators went to the stack)
 #pragma GCC unroll 8
-    for (int q = 0; q < 8; ++q) {
-      const unsigned m = codes[8 * k + q];
-      visit(k, q, expand_bf16(v, F == kBitmask ? kTables.bf16_to_fp32[m] : kTables.nm24_to_fp32[m]));
-      v += F == kBitmask ? popcount(m) : 4;
-    }
+    for (int q = 0; q < 8; ++q) visit(k, q, next_bf16<F>(v, codes[8 * k + q]));
   }
 }
 
@@ -462,16 +472,7 @@ inline void input_major_rows_bf16(const Weights& w, const Batch& b, const int32_
       }
       for (int q = 0; q < 8; ++q) {
         __m256 weights[kRows];
-        for (int r = 0; r < kRows; ++r) {
-          if (F == kDense) {
-            weights[r] = widen_bf16(load128(v[r]));
-            v[r] += 8;
-          } else {
-            const unsigned m = codes[r][8 * k + q];
-            weights[r] = expand_bf16(v[r], F == kBitmask ? kTables.bf16_to_fp32[m] : kTables.nm24_to_fp32[m]);
-            v[r] += F == kBitmask ? popcount(m) : 4;
-          }
-        }
+        for (int r = 0; r < kRows; ++r) weights[r] = next_bf16<F>(v[r], F == kDense ? 0 : codes[r][8 * k + q]);
         for (int64_t u = 0; u < used; ++u) {
           float* y = b.y + tokens[u] * b.y_stride + 64 * k + 8 * q;
           __m256 acc = _mm256_loadu_ps(y);
@@ -515,16 +516,7 @@ inline void input_major_block_bf16(const Weights& w, const Batch& b, const int32
         _mm_prefetch(ahead, _MM_HINT_T0);
         if (F == kDense) _mm_prefetch(ahead + 64, _MM_HINT_T0);
       }
-      __m256 weights;
-      if (F == kDense) {
-        weights = widen_bf16(load128(v));
-        v += 8;
-      } else {
-        const unsigned m = codes[c / 8];
-        weights = expand_bf16(v, F == kBitmask ? kTables.bf16_to_fp32[m] : kTables.nm24_to_fp32[m]);
-        v += F == kBitmask ? popcount(m) : 4;
-      }
-      _mm256_store_ps(decoded[r] + (c - c0), weights);
+      _mm256_store_ps(decoded[r] + (c - c0), next_bf16<F>(v, F == kDense ? 0 : codes[c / 8]));
     }
     next[r] = v;
   }
