@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsellm.kernels import SparseLinear
-from sparsellm.kernels.backend import DENSE_BLOCK_BYTES, ISA_CODES
+from sparsellm.kernels.backend import DENSE_BLOCK_ROWS, ISA_CODES
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import RING_BYTES, pruned_weight, tensor_ring
@@ -57,7 +57,7 @@ def measure(builds, isa: str, shape, batch: int, rounds: int, generator) -> None
         for tag, build in builds.items():
             handles = [build.handle(item.out_features, item.in_features, *item.kernel_args()) for item in ring]
             calls[f"{name} {tag}"] = [lambda h=h, build=build, given=given, cut=cut: build.linear(
-                given, h, ISA_CODES[isa], cut, True, None, DENSE_BLOCK_BYTES) for h in handles]
+                given, h, ISA_CODES[isa], cut, True, None, DENSE_BLOCK_ROWS) for h in handles]
         first, second = (calls[f"{name} {tag}"][0]().float() for tag in builds)
         torch.testing.assert_close(first, second, rtol=2e-2, atol=2e-2 * first.abs().max().item())
     seconds = {name: [] for name in calls}
