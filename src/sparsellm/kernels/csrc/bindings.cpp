@@ -147,6 +147,26 @@ at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold, bool ev
   return out;
 }
 
+// x as float32 with |x| <= threshold zeroed (NaN too, as prepare does): one threaded pass that
+// the compiler vectorises, for the many tokens of the dense path (ATen's abs / compare / fill
+// took five passes and cost a 256 x 2048 layer a third of its time at 512 tokens).
+at::Tensor drop_small_inputs(const at::Tensor& x, double threshold) {
+  const at::Tensor input = x.contiguous();
+  at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float cut = float(threshold);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "drop_small_inputs", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float v = as_float(in[i]);
+        o[i] = std::fabs(v) > cut ? v : 0.0f;
+      }
+    });
+  });
+  return out;
+}
+
 bool use_avx512(int64_t isa) {
   TORCH_CHECK(isa == kAmx || isa == kAvx512 || isa == kAvx2, "unknown instruction set");
   TORCH_CHECK(cpu_has(Isa(isa)), "this CPU cannot run the ", isa == kAmx ? "AMX" : isa == kAvx512 ? "AVX-512" : "AVX2",
@@ -316,20 +336,16 @@ void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, in
 // `block_rows` to twice as many rows, as even as they divide: at 512 tokens (Zen 3, MKL), the
 // sample's output layer (49152 x 576) in blocks of 512 rows ran 1.06x torch's one GEMM, in blocks
 // of 4 MiB (1820 rows) 0.84x; a 576-row matrix ran 4 % slower as 512 + 64 rows than whole.
+// Input-major blocks cut the sum (rows are inputs) and each re-reads y, so they are 4x larger:
+// TinyLlama's 2048 x 2048 ran 0.84x torch in blocks of 512 rows, 0.96x in one block.
 at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, int64_t block_rows) {
   const Weights& w = h.w;
   static const bool bf16_gemm = has_bf16_dot_products();
   const auto dtype = bf16_gemm && x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
   const int64_t width = w.input_major ? w.rows : w.cols;
-  // ATen's vectorised, threaded conversions rather than prepare's loop, which cost 0.3-0.5 ms a
-  // layer at 512 tokens (5 % of the sample's prefill). The threshold compares in float32, as the
-  // sparse kernels do (exact for 16-bit inputs); NaN inputs are zeroed like theirs.
-  at::Tensor xp = x;
-  if (threshold >= 0) {
-    xp = xp.to(at::kFloat);
-    xp = xp.masked_fill(xp.abs().gt(float(threshold)).logical_not(), 0);
-  }
-  xp = xp.to(dtype);
+  // Not prepare's loop, one thread and scalar: it cost 0.3-0.5 ms a layer at 512 tokens (5 % of
+  // the sample's prefill).
+  at::Tensor xp = (threshold >= 0 ? drop_small_inputs(x, threshold) : x).to(dtype);
   if (xp.size(1) < width) xp = at::constant_pad_nd(xp, {0, width - xp.size(1)});
   xp = xp.contiguous();
   // Every part of y is first written with beta = 0 (its old value unread), then accumulated into.
@@ -340,7 +356,7 @@ at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double thres
   const bool in_place = stored_dense && (w.codec == kBF16 ? dtype == at::kBFloat16 : w.codec == kF32 && dtype == at::kFloat);
   for (int64_t p = 0; p < w.panels(); ++p) {
     const int64_t panel_width = w.panel_width(p);
-    const int64_t blocks = std::max<int64_t>(1, w.rows / std::max<int64_t>(16, block_rows));
+    const int64_t blocks = std::max<int64_t>(1, w.rows / std::max<int64_t>(16, w.input_major ? 4 * block_rows : block_rows));
     const int64_t block = in_place ? w.rows : (w.rows + blocks - 1) / blocks;
     at::Tensor buffer = in_place ? at::Tensor() : scratch(block, panel_width, dtype);
     for (int64_t r0 = 0; r0 < w.rows; r0 += block) {
