@@ -149,7 +149,7 @@ at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold, bool ev
 
 // x as float32 with |x| <= threshold zeroed (NaN too, as prepare does): one threaded pass that
 // the compiler vectorises, for the many tokens of the dense path (ATen's abs / compare / fill
-// took five passes and cost a 256 x 2048 layer a third of its time at 512 tokens).
+// took five passes and two fifths of a 256 x 2048 layer's time at 512 tokens).
 at::Tensor drop_small_inputs(const at::Tensor& x, double threshold) {
   const at::Tensor input = x.contiguous();
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kFloat));
@@ -335,7 +335,7 @@ void decode_rows(const Weights& w, int64_t isa, int64_t p, int64_t row_begin, in
 // them) and the CPU has bfloat16 dot products (see has_bf16_dot_products). Blocks have from
 // `block_rows` to twice as many rows, as even as they divide: at 512 tokens (Zen 3, MKL), the
 // sample's output layer (49152 x 576) in blocks of 512 rows ran 1.06x torch's one GEMM, in blocks
-// of 4 MiB (1820 rows) 0.84x; a 576-row matrix ran 4 % slower as 512 + 64 rows than whole.
+// of 4 MiB (1820 rows) 0.84-0.88x; a 576-row matrix ran 4 % slower as 512 + 64 rows than whole.
 // Input-major blocks cut the sum (rows are inputs) and each re-reads y, so they are 4x larger:
 // TinyLlama's 2048 x 2048 ran 0.84x torch in blocks of 512 rows, 0.96x in one block.
 at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double threshold, int64_t block_rows) {
