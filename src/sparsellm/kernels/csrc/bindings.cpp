@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
@@ -122,45 +121,37 @@ template <typename T>
 inline float as_float(T v) { return static_cast<float>(v); }
 
 // x (n, features; float32, bfloat16 or float16) as float32 (n, width), zero-padded, with |x| <=
-// threshold zeroed when threshold >= 0 (activation sparsity) and, if asked, in even/odd lane
-// order. One pass in C++: this runs for every layer of every decoded token, where a chain of
-// small tensor operations would cost more than the product itself.
+// threshold zeroed when threshold >= 0 (activation sparsity; NaN too) and, if asked, in even/odd
+// lane order. One pass in C++: this runs for every layer of every decoded token, where a chain of
+// small tensor operations would cost more than the product itself; threaded over tokens when they
+// are many (prefill: one thread took 0.3-0.5 ms a layer at 512 tokens, 5 % of the sample's prefill,
+// and ATen's abs / compare / fill two fifths of a 256 x 2048 layer's time).
 at::Tensor prepare(const at::Tensor& x, int64_t width, double threshold, bool even_odd = false) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) <= width, "input must be (tokens, features)");
   const at::Tensor input = x.contiguous();
   const int64_t n = input.size(0), features = input.size(1);
   at::Tensor out = at::empty({n, width}, input.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
+  const bool drop = threshold >= 0;
   const float cut = float(threshold);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "prepare", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < n; ++t) {
-      float* row = o + t * width;
-      std::fill(row, row + width, 0.0f);
-      for (int64_t j = 0; j < features; ++j) {
-        const float v = as_float(in[t * features + j]);
-        const float kept = threshold >= 0 && !(std::fabs(v) > cut) ? 0.0f : v;
-        row[even_odd ? even_odd_index(j) : j] = kept;
-      }
-    }
-  });
-  return out;
-}
-
-// x as float32 with |x| <= threshold zeroed (NaN too, as prepare does): one threaded pass that
-// the compiler vectorises, for the many tokens of the dense path (ATen's abs / compare / fill
-// took five passes and two fifths of a 256 x 2048 layer's time at 512 tokens).
-at::Tensor drop_small_inputs(const at::Tensor& x, double threshold) {
-  const at::Tensor input = x.contiguous();
-  at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  const float cut = float(threshold);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "drop_small_inputs", [&] {
-    const scalar_t* in = input.data_ptr<scalar_t>();
-    at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float v = as_float(in[i]);
-        o[i] = std::fabs(v) > cut ? v : 0.0f;
+    at::parallel_for(0, n, std::max<int64_t>(1, kMinWeightsPerThread / width), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* from = in + t * features;
+        float* row = o + t * width;
+        // by value: a float captured by reference might alias the row, and the loop would reload it
+        auto kept = [from, drop, cut](int64_t j) {
+          const float v = as_float(from[j]);
+          return drop && !(std::fabs(v) > cut) ? 0.0f : v;
+        };
+        if (even_odd) {
+          std::fill(row, row + width, 0.0f);
+          for (int64_t j = 0; j < features; ++j) row[even_odd_index(j)] = kept(j);
+        } else {  // a plain loop, which the compiler vectorises
+          for (int64_t j = 0; j < features; ++j) row[j] = kept(j);
+          std::fill(row + features, row + width, 0.0f);
+        }
       }
     });
   });
@@ -343,21 +334,19 @@ at::Tensor dense(const at::Tensor& x, const Handle& h, int64_t isa, double thres
   static const bool bf16_gemm = has_bf16_dot_products();
   const auto dtype = bf16_gemm && x.scalar_type() == at::kBFloat16 && w.codec == kBF16 ? at::kBFloat16 : at::kFloat;
   const int64_t width = w.input_major ? w.rows : w.cols;
-  // Not prepare's loop, one thread and scalar: it cost 0.3-0.5 ms a layer at 512 tokens (5 % of
-  // the sample's prefill).
-  at::Tensor xp = (threshold >= 0 ? drop_small_inputs(x, threshold) : x).to(dtype);
-  if (xp.size(1) < width) xp = at::constant_pad_nd(xp, {0, width - xp.size(1)});
-  xp = xp.contiguous();
+  // x goes to the GEMM as it is when it needs no padding or threshold (converted if need be: exact
+  // for bfloat16 inputs), else through prepare
+  const at::Tensor xp = (threshold < 0 && x.size(1) == width ? x : prepare(x, width, threshold)).to(dtype).contiguous();
   // Every part of y is first written with beta = 0 (its old value unread), then accumulated into.
   at::Tensor y = at::empty({x.size(0), w.input_major ? w.cols : w.rows}, x.options().dtype(dtype));
   // Float values stored dense are a matrix already: multiply them where they lie (a panel at a time
   // when they are in the GEMM's dtype, else a block of rows converted at a time).
   const bool stored_dense = w.format == kDense && w.codec <= kF16;
   const bool in_place = stored_dense && (w.codec == kBF16 ? dtype == at::kBFloat16 : w.codec == kF32 && dtype == at::kFloat);
+  const int64_t blocks = std::max<int64_t>(1, w.rows / std::max<int64_t>(16, w.input_major ? 4 * block_rows : block_rows));
+  const int64_t block = in_place ? w.rows : (w.rows + blocks - 1) / blocks;
   for (int64_t p = 0; p < w.panels(); ++p) {
     const int64_t panel_width = w.panel_width(p);
-    const int64_t blocks = std::max<int64_t>(1, w.rows / std::max<int64_t>(16, w.input_major ? 4 * block_rows : block_rows));
-    const int64_t block = in_place ? w.rows : (w.rows + blocks - 1) / blocks;
     at::Tensor buffer = in_place ? at::Tensor() : scratch(block, panel_width, dtype);
     for (int64_t r0 = 0; r0 < w.rows; r0 += block) {
       const int64_t r1 = std::min(w.rows, r0 + block);
