@@ -127,6 +127,49 @@ def test_bfloat16_activations(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bias_and_output_dtype(name, dtype):
+    """The sparse kernels write the output themselves: in the inputs' dtype and shape, the float32
+    product plus the bias rounded once. 1100 rows: threads split them (rows) or the inputs (input-major)."""
+    generator = torch.Generator().manual_seed(12)
+    weight = random_weight(1100, 330, 0.5, generator).to(torch.bfloat16)
+    bias = torch.randn(1100, generator=generator).to(dtype)  # the model's, in its dtype
+    for shape in ((1, 1, 330), (3, 330), (2, 2, 330)):
+        x = torch.randn(shape, generator=generator).to(dtype)
+        for threshold in (None, 0.3):
+            kept = x.float() if threshold is None else x.float() * (x.float().abs() > 0.3)
+            expected = (kept @ weight.float().t() + bias.float()).to(dtype)
+            with use_backend(name):
+                layer = SparseLinear.from_dense(weight, bias, threshold=threshold, dispatch="sparse")
+                result = run(layer, x)
+            assert result.dtype == dtype and result.shape == (*shape[:-1], 1100)
+            # a float32 sum in another order differs by a few float32 rounding errors of its terms,
+            # and may then round the other way: one unit in the last place of the result's dtype
+            terms = kept.abs() @ weight.float().abs().t() + bias.float().abs()
+            allowed = torch.finfo(dtype).eps * expected.float().abs() + 1e-6 * terms
+            assert ((result.float() - expected.float()).abs() <= allowed).all()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_outputs_round_as_torch(name):
+    """With an identity matrix the output is x + bias summed in float32, exactly: its rounding to
+    bfloat16 / float16 must be torch's, bit for bit (ties to even, overflow to inf, NaN kept)."""
+    generator = torch.Generator().manual_seed(13)
+    for dtype in (torch.bfloat16, torch.float16):
+        big = torch.finfo(dtype).max
+        x = torch.randn(3, 64, generator=generator).to(dtype)
+        x[0, :4] = torch.tensor([1.0, 1.0, big, -big])
+        bias = torch.randn(64, generator=generator).to(dtype)
+        # 1 + 2^-8 (bfloat16) / 2^-11 (float16): halfway between two values, rounds to even; then
+        # overflow on both sides, and NaN
+        bias[:5] = torch.tensor([torch.finfo(dtype).eps / 2, 3 * torch.finfo(dtype).eps / 2, big, -big, float("nan")])
+        with use_backend(name):
+            layer = SparseLinear.from_dense(torch.eye(64).to(dtype), bias, dispatch="sparse")
+            result = run(layer, x)
+        torch.testing.assert_close(result, (x.float() + bias.float()).to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_dense_path_for_many_tokens(name):
     """kernels="auto" switches to the GEMM on decoded blocks past the crossover: same results."""
     generator = torch.Generator().manual_seed(5)
