@@ -408,10 +408,11 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
     const int64_t ahead = w.format == kBitmask ? w.offsets[next] - w.offsets[j] : (next - j) * w.cols;
     for (int64_t t0 = 0; t0 < b.n; t0 += 4) {  // tokens in groups of 4; a row is re-read from cache
       __m256 scale[4];
-      int64_t tokens[4], used = 0;
+      float* y[4];  // found once (see input_major_rows_bf16)
+      int64_t used = 0;
       for (int64_t t = t0; t < b.n && t < t0 + 4; ++t) {
         const float v = b.x[t * b.x_stride + j];
-        if (v != 0.0f) { scale[used] = _mm256_set1_ps(v); tokens[used++] = t; }
+        if (v != 0.0f) { scale[used] = _mm256_set1_ps(v); y[used++] = b.y + t * b.y_stride; }
       }
       if (used == 0) continue;
       RowCursor<C> cursor(w, 0, j);
@@ -422,8 +423,8 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
         // The next active row is not adjacent: fetch it alongside this one, at the same position.
         prefetch_ahead<C>(Values<C>::at(w.values, first + ahead) - kPrefetchBytes);
         for (int64_t u = 0; u < used; ++u) {
-          float* y = b.y + tokens[u] * b.y_stride + 32 * s;
-          for (int q = 0; q < 4; ++q) _mm256_storeu_ps(y + 8 * q, _mm256_fmadd_ps(blk.w[q], scale[u], _mm256_loadu_ps(y + 8 * q)));
+          float* at = y[u] + 32 * s;
+          for (int q = 0; q < 4; ++q) _mm256_storeu_ps(at + 8 * q, _mm256_fmadd_ps(blk.w[q], scale[u], _mm256_loadu_ps(at + 8 * q)));
         }
       }
     }

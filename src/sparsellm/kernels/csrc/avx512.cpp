@@ -333,10 +333,14 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
     const int64_t ahead = bitmask ? w.offsets[next] - start : (next - j) * w.cols;
     for (int64_t t0 = 0; t0 < b.n; t0 += 8) {  // tokens in groups of 8; a row is re-read from cache
       __m512 scale[8];
-      int64_t tokens[8], used = 0;
+      // each token's y, found once: a vector store may alias anything, so b.y and b.y_stride would
+      // be loaded again after every store of the loop below (on AVX2 this alone made 50 % weights +
+      // 50 % inputs 1.12-1.21x faster at batch 1)
+      float* y[8];
+      int64_t used = 0;
       for (int64_t t = t0; t < b.n && t < t0 + 8; ++t) {
         const float v = b.x[t * b.x_stride + j];
-        if (v != 0.0f) { scale[used] = _mm512_set1_ps(v); tokens[used++] = t; }
+        if (v != 0.0f) { scale[used] = _mm512_set1_ps(v); y[used++] = b.y + t * b.y_stride; }
       }
       if (used == 0) continue;
       int64_t i = start;
@@ -353,8 +357,8 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
         // The next active row is not adjacent: fetch it alongside this one, at the same position.
         prefetch_ahead<C>(Values<C>::at(w.values, first + ahead) - kPrefetchBytes);
         for (int64_t u = 0; u < used; ++u) {
-          float* y = b.y + tokens[u] * b.y_stride + 64 * k;
-          for (int q = 0; q < 4; ++q) _mm512_storeu_ps(y + 16 * q, _mm512_fmadd_ps(blk.w[q], scale[u], _mm512_loadu_ps(y + 16 * q)));
+          float* at = y[u] + 64 * k;
+          for (int q = 0; q < 4; ++q) _mm512_storeu_ps(at + 16 * q, _mm512_fmadd_ps(blk.w[q], scale[u], _mm512_loadu_ps(at + 16 * q)));
         }
       }
     }
