@@ -321,11 +321,59 @@ void decode_codec(const Weights& w, int64_t p, int64_t row_begin, int64_t row_en
   }
 }
 
+// One token (decoding): kRows active input-major rows per pass, y loaded and stored once per pass
+// instead of once per row (the AVX2 kernel's structure, where 4 rows a pass made 50 % weights + 50 %
+// inputs 1.32-1.43x faster at batch 1). `next_inputs` are fetched alongside, at the same positions.
+template <int C, int kRows>
+inline void input_major_rows_one_token(const Weights& w, const Batch& b, const int32_t* inputs,
+                                       const int32_t* next_inputs) {
+  const int64_t words = w.cols / 64;
+  const bool bitmask = w.format == kBitmask;
+  int64_t i[kRows], ahead[kRows];
+  const uint64_t* mask[kRows];
+  __m512 scale[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t j = inputs[r], next = next_inputs[r];
+    mask[r] = bitmask ? w.mask + j * words : nullptr;
+    i[r] = bitmask ? w.offsets[j] : j * w.cols;
+    ahead[r] = (bitmask ? w.offsets[next] : next * w.cols) - i[r];
+    scale[r] = _mm512_set1_ps(b.x[j]);
+  }
+  for (int64_t k = 0; k < words; ++k) {
+    float* y = b.y + 64 * k;
+    __m512 acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = _mm512_loadu_ps(y + 16 * q);
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t first = i[r];
+      Block blk;
+      if (bitmask) {
+        if ((k & 7) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(mask[r] + k + (next_inputs[r] - inputs[r]) * words), _MM_HINT_T0);
+        i[r] = decode_bitmask<C, true>(w, i[r], mask[r][k], inputs[r], 64 * k, blk);
+      } else {
+        decode_dense<C, true>(w, i[r], inputs[r], 64 * k, blk);
+        i[r] += 64;
+      }
+      prefetch_ahead<C>(Values<C>::at(w.values, first + ahead[r]) - kPrefetchBytes);
+      for (int q = 0; q < 4; ++q) acc[q] = _mm512_fmadd_ps(blk.w[q], scale[r], acc[q]);
+    }
+    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(y + 16 * q, acc[q]);
+  }
+}
+
 // Activation sparsity: accumulate the input-major rows of the active inputs into y.
 template <int C>
 void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
   const int64_t words = w.cols / 64;
   const bool bitmask = w.format == kBitmask;
+  if (b.n == 1) {  // every active input is nonzero for the one token
+    constexpr int kRows = 4;
+    int64_t n = 0;
+    for (; n + kRows <= a.count; n += kRows)  // the last group fetches its own rows again
+      input_major_rows_one_token<C, kRows>(w, b, a.inputs + n, a.inputs + (n + 2 * kRows <= a.count ? n + kRows : n));
+    for (; n < a.count; ++n) input_major_rows_one_token<C, 1>(w, b, a.inputs + n, a.inputs + (n + 1 < a.count ? n + 1 : n));
+    return;
+  }
   for (int64_t n = 0; n < a.count; ++n) {
     const int64_t j = a.inputs[n], next = a.inputs[n + 1 < a.count ? n + 1 : n];
     const uint64_t* mask = bitmask ? w.mask + j * words : nullptr;
