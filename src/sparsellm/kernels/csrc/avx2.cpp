@@ -499,8 +499,9 @@ void input_major_groups_bf16(const Weights& w, const Batch& b, const Active& a) 
 
 // Up to 4 tokens share a pass over 4 dense or 2 sparse rows (a sparse row's decoding needs more
 // registers); one token (decoding) needs fewer registers for its inputs, and takes 4 sparse rows
-// too: 50 % weights + 50 % inputs at batch 1 ran 1.34-1.36x faster (2048² and 4096², weights cold;
-// Zen 3), and 8 dense rows did not help (0.91-1.05x).
+// too: 50 % weights + 50 % inputs at batch 1 ran 1.32-1.43x faster with this and the y pointers
+// found once (2048², 4096², 5632x2048, 2048x5632, weights cold; Zen 3); 8 dense rows did not help
+// (0.91-1.05x).
 template <int F>
 void input_major_bf16(const Weights& w, const Batch& b, const Active& a) {
   b.n == 1 ? input_major_groups_bf16<F, 4, 1>(w, b, a) : input_major_groups_bf16<F, F == kDense ? 4 : 2, 4>(w, b, a);

@@ -321,40 +321,53 @@ void decode_codec(const Weights& w, int64_t p, int64_t row_begin, int64_t row_en
   }
 }
 
-// One token (decoding): kRows active input-major rows per pass, y loaded and stored once per pass
-// instead of once per row (the AVX2 kernel's structure, where 4 rows a pass made 50 % weights + 50 %
-// inputs 1.32-1.43x faster at batch 1). `next_inputs` are fetched alongside, at the same positions.
+// An input-major row being read (dense or bitmask layout): input j, the value index reached, and
+// the distance from there to the same position in the row of input `next`, which is fetched
+// alongside (active rows are not adjacent).
+struct InputRow {
+  int64_t j, next, at, ahead;
+};
+
+inline InputRow input_row(const Weights& w, bool bitmask, int64_t j, int64_t next) {
+  const int64_t at = bitmask ? w.offsets[j] : j * w.cols;
+  return {j, next, at, (bitmask ? w.offsets[next] : next * w.cols) - at};
+}
+
+// The row's next 64 weights (word k) into blk, as fp32 in the kernels' lane order.
+template <int C>
+inline void next_weights(const Weights& w, bool bitmask, int64_t k, InputRow& row, Block& blk) {
+  const int64_t words = w.cols / 64, first = row.at;
+  if (bitmask) {
+    const uint64_t* mask = w.mask + row.j * words;
+    if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k + (row.next - row.j) * words), _MM_HINT_T0);
+    row.at = decode_bitmask<C, true>(w, row.at, mask[k], row.j, 64 * k, blk);
+  } else {
+    decode_dense<C, true>(w, row.at, row.j, 64 * k, blk);
+    row.at += 64;
+  }
+  prefetch_ahead<C>(Values<C>::at(w.values, first + row.ahead) - kPrefetchBytes);
+}
+
+// One token (decoding): kRows active rows per pass, y loaded and stored once per pass instead of
+// once per row (the AVX2 kernel's structure, where 4 rows a pass made 50 % weights + 50 % inputs
+// 1.32-1.43x faster at batch 1).
 template <int C, int kRows>
 inline void input_major_rows_one_token(const Weights& w, const Batch& b, const int32_t* inputs,
                                        const int32_t* next_inputs) {
-  const int64_t words = w.cols / 64;
   const bool bitmask = w.format == kBitmask;
-  int64_t i[kRows], ahead[kRows];
-  const uint64_t* mask[kRows];
+  InputRow rows[kRows];
   __m512 scale[kRows];
   for (int r = 0; r < kRows; ++r) {
-    const int64_t j = inputs[r], next = next_inputs[r];
-    mask[r] = bitmask ? w.mask + j * words : nullptr;
-    i[r] = bitmask ? w.offsets[j] : j * w.cols;
-    ahead[r] = (bitmask ? w.offsets[next] : next * w.cols) - i[r];
-    scale[r] = _mm512_set1_ps(b.x[j]);
+    rows[r] = input_row(w, bitmask, inputs[r], next_inputs[r]);
+    scale[r] = _mm512_set1_ps(b.x[inputs[r]]);
   }
-  for (int64_t k = 0; k < words; ++k) {
+  for (int64_t k = 0; k < w.cols / 64; ++k) {
     float* y = b.y + 64 * k;
     __m512 acc[4];
     for (int q = 0; q < 4; ++q) acc[q] = _mm512_loadu_ps(y + 16 * q);
     for (int r = 0; r < kRows; ++r) {
-      const int64_t first = i[r];
       Block blk;
-      if (bitmask) {
-        if ((k & 7) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(mask[r] + k + (next_inputs[r] - inputs[r]) * words), _MM_HINT_T0);
-        i[r] = decode_bitmask<C, true>(w, i[r], mask[r][k], inputs[r], 64 * k, blk);
-      } else {
-        decode_dense<C, true>(w, i[r], inputs[r], 64 * k, blk);
-        i[r] += 64;
-      }
-      prefetch_ahead<C>(Values<C>::at(w.values, first + ahead[r]) - kPrefetchBytes);
+      next_weights<C>(w, bitmask, k, rows[r], blk);
       for (int q = 0; q < 4; ++q) acc[q] = _mm512_fmadd_ps(blk.w[q], scale[r], acc[q]);
     }
     for (int q = 0; q < 4; ++q) _mm512_storeu_ps(y + 16 * q, acc[q]);
@@ -375,10 +388,8 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
     return;
   }
   for (int64_t n = 0; n < a.count; ++n) {
-    const int64_t j = a.inputs[n], next = a.inputs[n + 1 < a.count ? n + 1 : n];
-    const uint64_t* mask = bitmask ? w.mask + j * words : nullptr;
-    const int64_t start = bitmask ? w.offsets[j] : j * w.cols;
-    const int64_t ahead = bitmask ? w.offsets[next] - start : (next - j) * w.cols;
+    const int64_t j = a.inputs[n];
+    const InputRow start = input_row(w, bitmask, j, a.inputs[n + 1 < a.count ? n + 1 : n]);
     for (int64_t t0 = 0; t0 < b.n; t0 += 8) {  // tokens in groups of 8; a row is re-read from cache
       __m512 scale[8];
       // each token's y, found once: a vector store may alias anything, so b.y and b.y_stride would
@@ -391,19 +402,10 @@ void input_major_codec(const Weights& w, const Batch& b, const Active& a) {
         if (v != 0.0f) { scale[used] = _mm512_set1_ps(v); y[used++] = b.y + t * b.y_stride; }
       }
       if (used == 0) continue;
-      int64_t i = start;
+      InputRow row = start;
       for (int64_t k = 0; k < words; ++k) {
-        const int64_t first = i;
         Block blk;
-        if (bitmask) {
-          if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + k + (next - j) * words), _MM_HINT_T0);
-          i = decode_bitmask<C, true>(w, i, mask[k], j, 64 * k, blk);
-        } else {
-          decode_dense<C, true>(w, i, j, 64 * k, blk);
-          i += 64;
-        }
-        // The next active row is not adjacent: fetch it alongside this one, at the same position.
-        prefetch_ahead<C>(Values<C>::at(w.values, first + ahead) - kPrefetchBytes);
+        next_weights<C>(w, bitmask, k, row, blk);
         for (int64_t u = 0; u < used; ++u) {
           float* at = y[u] + 64 * k;
           for (int q = 0; q < 4; ++q) _mm512_storeu_ps(at + 16 * q, _mm512_fmadd_ps(blk.w[q], scale[u], _mm512_loadu_ps(at + 16 * q)));
