@@ -23,6 +23,7 @@ from ..models import decoder_blocks, linear_layers, load_model, parse_dtype, wei
 from . import backend
 from .layouts import Quantization
 from .linear import SparseLinear
+from .norm import fused
 
 KERNELS = ("auto", "sparse", "dense")
 MIN_SPARSITY = 0.2  # below this a bitmask layer reads about as many bytes as a dense one
@@ -37,12 +38,14 @@ class KernelReport:
     dense_bytes: int = 0
     kernel_bytes: int = 0
     packed_moe_layers: int = 0  # MoE layers whose experts are in the kernels' layout
+    fused_norms: int = 0  # RMS norms run as one compiled call (norm.py)
 
     def describe(self) -> str:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.layers.items()))
         moe = f"; {self.packed_moe_layers} MoE layers' experts packed" if self.packed_moe_layers else ""
+        norms = f"; {self.fused_norms} RMS norms fused" if self.fused_norms else ""
         return (f"{kinds or 'no layers'} on {self.backend} kernels; their weights "
-                f"{self.dense_bytes / 1e6:.1f} MB -> {self.kernel_bytes / 1e6:.1f} MB{moe}")
+                f"{self.dense_bytes / 1e6:.1f} MB -> {self.kernel_bytes / 1e6:.1f} MB{moe}{norms}")
 
 
 def choose_format(keep: torch.Tensor) -> str:
@@ -67,7 +70,8 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
     activation thresholds (TEAL), whose targets ``activation_sparsity`` holds. ``dense_layers``
     also moves the unpruned linear layers and the output layer to the dense kernel (worth it with
     16-bit values, which it reads faster than torch does). Layers that are ``SparseLinear`` already
-    stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``).
+    stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``), and RMS
+    norms become one compiled call each (``norm.fused``) where that computes the same values.
     ``kernels="dense"`` leaves the model as it is.
     """
     if kernels not in KERNELS:
@@ -97,6 +101,12 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
         name = next(name for name, module in model.named_modules() if module is head)
         replace(name, head, head.weight.detach(), "dense", None)
     _measure_together(model, report)
+    if report.backend != "torch":
+        for name, module in list(model.named_modules()):
+            norm = fused(module)
+            if norm is not None:
+                _set_module(model, name, norm)
+                report.fused_norms += 1
     # imported here: importing the MoE package registers its model type with transformers
     from ..activations.moe.modeling import pack_experts
 
