@@ -21,6 +21,7 @@ from ..format.layout import BITMASK, BITMASK_24, DENSE, EncodedLayer
 from ..logging_utils import logger, progress
 from ..models import decoder_blocks, linear_layers, load_model, parse_dtype, weight_matrix
 from . import backend
+from .attention import use_decode_attention
 from .layouts import Quantization
 from .linear import SparseLinear
 from .norm import fused
@@ -39,13 +40,15 @@ class KernelReport:
     kernel_bytes: int = 0
     packed_moe_layers: int = 0  # MoE layers whose experts are in the kernels' layout
     fused_norms: int = 0  # RMS norms run as one compiled call (norm.py)
+    decode_attention: bool = False  # a decoded token's attention in one compiled call (attention.py)
 
     def describe(self) -> str:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.layers.items()))
         moe = f"; {self.packed_moe_layers} MoE layers' experts packed" if self.packed_moe_layers else ""
         norms = f"; {self.fused_norms} RMS norms fused" if self.fused_norms else ""
+        attention = "; decoding's attention compiled" if self.decode_attention else ""
         return (f"{kinds or 'no layers'} on {self.backend} kernels; their weights "
-                f"{self.dense_bytes / 1e6:.1f} MB -> {self.kernel_bytes / 1e6:.1f} MB{moe}{norms}")
+                f"{self.dense_bytes / 1e6:.1f} MB -> {self.kernel_bytes / 1e6:.1f} MB{moe}{norms}{attention}")
 
 
 def choose_format(keep: torch.Tensor) -> str:
@@ -71,7 +74,8 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
     also moves the unpruned linear layers and the output layer to the dense kernel (worth it with
     16-bit values, which it reads faster than torch does). Layers that are ``SparseLinear`` already
     stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``), and RMS
-    norms become one compiled call each (``norm.fused``) where that computes the same values.
+    norms become one compiled call each (``norm.fused``) where that computes the same values, and
+    so does a decoded token's attention in models that use torch's SDPA (``attention``).
     ``kernels="dense"`` leaves the model as it is.
     """
     if kernels not in KERNELS:
@@ -107,6 +111,7 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
             if norm is not None:
                 _set_module(model, name, norm)
                 report.fused_norms += 1
+        report.decode_attention = use_decode_attention(model)
     # imported here: importing the MoE package registers its model type with transformers
     from ..activations.moe.modeling import pack_experts
 
