@@ -10,7 +10,8 @@ Parts (all by default):
 Speed: greedy decoding of 128 tokens at batch 1 and a forward pass over a 512-token prompt,
 variants interleaved run by run, medians, ratios to the faster of dense float32 / bfloat16. The
 sparsellm rows run the model as ``sparsellm.load`` gives it (bfloat16: the output layer on
-sparsellm's dense kernel too); one row keeps torch's output layer, to show that share.
+sparsellm's dense kernel too, RMS norms and a decoded token's attention as compiled calls); one row
+keeps torch's output layer, one transformers' norms and attention, to show those shares.
 
     flock /tmp/sparsellm-heavy.lock python benchmarks/bench_decode.py --threads 2
 """
@@ -71,6 +72,9 @@ def speed_rows(folder: Path, activation_sparsity: float | None, repeats: int, to
     variants["sparsellm 50%"] = sparsellm.load(folder, dtype=torch.bfloat16, kernels="auto")
     variants["sparsellm 50%, torch output layer"] = load_model(folder, dtype=torch.bfloat16)[0]
     use_kernels(variants["sparsellm 50%, torch output layer"], "auto", dtype=torch.bfloat16)
+    # the linear layers alone on the kernels: transformers' RMS norms and attention, not the fused calls
+    variants["sparsellm 50%, linears only"] = load_model(folder, dtype=torch.bfloat16)[0]
+    use_kernels(variants["sparsellm 50%, linears only"], "auto", dtype=torch.bfloat16, dense_layers=True, fuse=False)
     if activation_sparsity:
         model = load_model(folder, dtype=torch.bfloat16)[0]
         result = calibrate(model, None, activation_sparsity, windows=windows)

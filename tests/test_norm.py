@@ -76,3 +76,11 @@ def test_use_kernels_fuses_the_norms_and_keeps_the_logits(tiny_folder, arch):
         assert report.fused_norms == (norms if arch in ("llama", "qwen2") else 0)
         assert sum(isinstance(m, RMSNorm) for m in model.modules()) == report.fused_norms
         torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_false_leaves_norms_and_attention(llama_folder):
+    model, _ = load_model(llama_folder)
+    report = use_kernels(model, "sparse", dense_layers=True, fuse=False)
+    assert report.fused_norms == 0 and not report.decode_attention and report.layers
+    assert not any(isinstance(m, RMSNorm) for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"

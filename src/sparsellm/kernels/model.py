@@ -66,16 +66,16 @@ def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
 
 def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype | None = None,
                 thresholds: dict[str, float] | None = None, activation_sparsity: dict[str, float] | None = None,
-                dense_layers: bool = False) -> KernelReport:
+                dense_layers: bool = False, fuse: bool = True) -> KernelReport:
     """Replace the pruned linear layers of ``model``'s decoder blocks by ``SparseLinear``, in place.
 
     ``dtype`` is the storage of the values (None: the model's); ``thresholds`` maps layer names to
     activation thresholds (TEAL), whose targets ``activation_sparsity`` holds. ``dense_layers``
     also moves the unpruned linear layers and the output layer to the dense kernel (worth it with
     16-bit values, which it reads faster than torch does). Layers that are ``SparseLinear`` already
-    stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``), and RMS
-    norms become one compiled call each (``norm.fused``) where that computes the same values, and
-    so does a decoded token's attention in models that use torch's SDPA (``attention``).
+    stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``). With
+    ``fuse``, RMS norms become one compiled call each (``norm.fused``) where that computes the same
+    values, and so does a decoded token's attention in models that use torch's SDPA (``attention``).
     ``kernels="dense"`` leaves the model as it is.
     """
     if kernels not in KERNELS:
@@ -105,7 +105,7 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
         name = next(name for name, module in model.named_modules() if module is head)
         replace(name, head, head.weight.detach(), "dense", None)
     _measure_together(model, report)
-    if report.backend != "torch":
+    if fuse and report.backend != "torch":
         for name, module in list(model.named_modules()):
             norm = fused(module)
             if norm is not None:
