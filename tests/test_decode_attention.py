@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from sparsellm import attention
 from sparsellm.kernels import backend, use_kernels
+from sparsellm.kernels.attention import IMPLEMENTATION
 from sparsellm.models import load_model
 
 pytestmark = pytest.mark.skipif(backend.extension() is None, reason="the kernels' extension did not build")
@@ -72,3 +74,13 @@ def test_models_generate_the_same_tokens(arch, tiny_folder, monkeypatch):
     # every layer of every decoded token but the last; Gemma 3's sliding layers mask keys (its cache
     # keeps them all here) and go to transformers' SDPA once the window is full
     assert len(calls) >= (23 if sdpa else 0) and (len(calls) > 0) == sdpa
+
+
+def test_sparse_attention_switches_and_comes_back(llama_folder):
+    model, _ = load_model(llama_folder)
+    use_kernels(model, "sparse", dense_layers=True)
+    assert attention.current(model) is None  # the decode kernel is not a sparse attention method
+    attention.apply(model, "window", window=4)
+    assert attention.current(model).name == "window"
+    attention.apply(model, "sdpa")
+    assert model.config._attn_implementation == IMPLEMENTATION and attention.current(model) is None

@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from sparsellm.kernels import backend, use_kernels
-from sparsellm.kernels.norm import RMSNorm, fused, tolerance
+from sparsellm.kernels.norm import RMSNorm, fused_norm, tolerance
 from sparsellm.models import load_model
 
 pytestmark = pytest.mark.skipif(backend.extension() is None, reason="the kernels' extension did not build")
@@ -53,17 +53,17 @@ def test_mismatched_input_is_an_error():
 
 def test_only_norms_with_the_same_function_are_fused():
     for cls in (LlamaRMSNorm, Qwen2RMSNorm):
-        assert isinstance(fused(hf_norm(cls, 48, torch.bfloat16)), RMSNorm)
-    assert fused(hf_norm(Gemma3RMSNorm, 48, torch.bfloat16)) is None  # weight enters as 1 + weight
-    assert fused(torch.nn.LayerNorm(48)) is None
+        assert isinstance(fused_norm(hf_norm(cls, 48, torch.bfloat16)), RMSNorm)
+    assert fused_norm(hf_norm(Gemma3RMSNorm, 48, torch.bfloat16)) is None  # weight enters as 1 + weight
+    assert fused_norm(torch.nn.LayerNorm(48)) is None
 
     class ScaledRMSNorm(LlamaRMSNorm):  # the same attributes, another function
         def forward(self, x):
             return super().forward(x) * 1.02
 
-    assert fused(hf_norm(ScaledRMSNorm, 48, torch.bfloat16)) is None
+    assert fused_norm(hf_norm(ScaledRMSNorm, 48, torch.bfloat16)) is None
     wide_eps = hf_norm(LlamaRMSNorm, 48, torch.float32, eps=0.5)
-    assert fused(wide_eps).eps == 0.5
+    assert fused_norm(wide_eps).eps == 0.5
 
 
 def test_use_kernels_fuses_the_norms_and_keeps_the_logits(tiny_folder, arch):

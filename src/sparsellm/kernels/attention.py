@@ -17,7 +17,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from . import backend
 
-IMPLEMENTATION = "sparsellm_kernels"  # the model's attn_implementation while it runs on the kernels
+# the model's attn_implementation on the kernels; not under the "sparsellm_" prefix, which
+# attention.hf keeps for the sparse attention methods
+IMPLEMENTATION = "sparsellm-decode"
 _CHANGES_ATTENTION = ("softcap", "s_aux", "position_bias")  # arguments the kernel does not compute
 
 

@@ -24,7 +24,7 @@ from . import backend
 from .attention import use_decode_attention
 from .layouts import Quantization
 from .linear import SparseLinear
-from .norm import fused
+from .norm import fused_norm
 
 KERNELS = ("auto", "sparse", "dense")
 MIN_SPARSITY = 0.2  # below this a bitmask layer reads about as many bytes as a dense one
@@ -74,7 +74,7 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
     also moves the unpruned linear layers and the output layer to the dense kernel (worth it with
     16-bit values, which it reads faster than torch does). Layers that are ``SparseLinear`` already
     stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``). With
-    ``fuse``, RMS norms become one compiled call each (``norm.fused``) where that computes the same
+    ``fuse``, RMS norms become one compiled call each (``norm.fused_norm``) where that computes the same
     values, and so does a decoded token's attention in models that use torch's SDPA (``attention``).
     ``kernels="dense"`` leaves the model as it is.
     """
@@ -107,7 +107,7 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
     _measure_together(model, report)
     if fuse and report.backend != "torch":
         for name, module in list(model.named_modules()):
-            norm = fused(module)
+            norm = fused_norm(module)
             if norm is not None:
                 _set_module(model, name, norm)
                 report.fused_norms += 1

@@ -2,7 +2,7 @@
 
 transformers' module runs eight tensor ops (to float32, pow, mean, add, rsqrt, mul, to, mul); in a
 decoding model, where each op cost ~10 us, the two norms of a layer took as long as its attention
-projections' kernels. ``fused`` gives this module where it computes the same values: the
+projections' kernels. ``fused_norm`` gives this module where it computes the same values: the
 candidates are checked against the module they replace on a random input, so a norm with other
 semantics (Gemma's 1 + weight, say) stays as it is. ``use_kernels`` does the swapping.
 """
@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
 
 
 @torch.no_grad()
-def fused(module: nn.Module) -> RMSNorm | None:
+def fused_norm(module: nn.Module) -> RMSNorm | None:
     """An ``RMSNorm`` computing ``module``'s function on a random input, or None if ``module`` is not
     such a norm. "The same" allows what summing the squares in another order can change: the scale's
     last bit, which float32 outputs carry (up to ~2 units in the last place), 16-bit outputs rarely
@@ -51,7 +51,7 @@ def fused(module: nn.Module) -> RMSNorm | None:
 
 
 def tolerance(expected: torch.Tensor) -> torch.Tensor:
-    """How far the fused norm may be from transformers' module, element by element (see ``fused``)."""
+    """How far the fused norm may be from transformers' module, element by element (see ``fused_norm``)."""
     finfo = torch.finfo(expected.dtype)
     units = 4 if expected.dtype == torch.float32 else 1
     return units * finfo.eps * expected.float().abs().clamp_min(finfo.tiny)

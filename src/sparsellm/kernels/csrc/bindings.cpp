@@ -465,12 +465,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor in = x.contiguous();
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty_like(in);
+  const int64_t rows = in.numel() / width, grain = std::max<int64_t>(1, kMinWeightsPerThread / width);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "rms_norm", [&] {
     const scalar_t* xs = in.data_ptr<scalar_t>();
     const scalar_t* ws = w.data_ptr<scalar_t>();
     scalar_t* os = out.data_ptr<scalar_t>();
-    at::parallel_for(0, in.numel() / width, std::max<int64_t>(1, kMinWeightsPerThread / width), [&](int64_t r0,
-                                                                                                     int64_t r1) {
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = xs + r * width;
         float lanes[8] = {};  // eight running sums: a loop the compiler vectorises without reassociating
@@ -482,7 +482,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
         for (float lane : lanes) squares += lane;
         const float scale = 1.0f / std::sqrt(squares / float(width) + float(eps));
         scalar_t* o = os + r * width;
-        for (c = 0; c < width; ++c) o[c] = rounded<scalar_t>(as_float(ws[c]) * as_float(rounded<scalar_t>(as_float(row[c]) * scale)));
+        for (c = 0; c < width; ++c) {
+          const scalar_t normalised = rounded<scalar_t>(as_float(row[c]) * scale);
+          o[c] = rounded<scalar_t>(as_float(ws[c]) * as_float(normalised));
+        }
       }
     });
   });
@@ -496,20 +499,21 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // what torch's scaled_dot_product_attention and transformers' glue around it did in ~10 ops.
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale) {
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.sizes() == key.sizes() && query.size(2) == 1 &&
-              query.size(0) == key.size(0) && query.size(3) == key.size(3) && key.size(1) > 0 && key.size(2) > 0 &&
-              query.size(1) % key.size(1) == 0, "decode_attention: shapes do not fit one query token with grouped keys");
+                  query.size(0) == key.size(0) && query.size(3) == key.size(3) && query.size(3) > 0 &&
+                  key.size(1) > 0 && key.size(2) > 0 && query.size(1) % key.size(1) == 0,
+              "decode_attention: shapes do not fit one query token with grouped keys");
   TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
               "decode_attention: query, keys and values differ in dtype");
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = k.size(2), dim = q.size(3);
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (length * dim));  // heads per thread
   at::Tensor out = at::empty({batch, 1, heads, dim}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     const scalar_t* qs = q.data_ptr<scalar_t>();
     const scalar_t* ks = k.data_ptr<scalar_t>();
     const scalar_t* vs = v.data_ptr<scalar_t>();
     scalar_t* os = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * heads, std::max<int64_t>(1, kMinWeightsPerThread / std::max<int64_t>(length * dim, 1)),
-                     [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, batch * heads, grain, [&](int64_t h0, int64_t h1) {
       std::vector<float> query_f(dim), scores(length), sums(dim);
       for (int64_t bh = h0; bh < h1; ++bh) {
         const int64_t group = (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
