@@ -1,7 +1,9 @@
-"""Decoding's compiled attention against a float64 reference, and in whole models of five families."""
+"""Decoding's compiled attention against a float64 reference and transformers' rotary embedding,
+and in whole models of five families."""
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
 from sparsellm import attention
 from sparsellm.kernels import backend, use_kernels
@@ -56,6 +58,38 @@ def test_shapes_that_do_not_fit_are_errors():
         attention(torch.randn(1, 4, 1, 16).bfloat16(), key, key, 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,tokens,heads,kv_heads,dim,cos_batch", [(1, 1, 9, 3, 64, 1), (2, 3, 4, 2, 16, 2),
+                                                                      (3, 5, 6, 6, 8, 1), (2, 70, 2, 1, 128, 2)])
+def test_rotary_heads_equal_transformers(dtype, batch, tokens, heads, kv_heads, dim, cos_batch):
+    generator = torch.Generator().manual_seed(tokens)
+    query = (torch.randn(batch, tokens, heads * dim, generator=generator) * 3).to(dtype)
+    key, value = (torch.randn(batch, tokens, kv_heads * dim, generator=generator).to(dtype) for _ in range(2))
+    angles = torch.rand(cos_batch, tokens, dim // 2, generator=generator).repeat(1, 1, 2) * 40
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    got = backend.extension().rotary_heads(query, key, value, cos, sin, dim)
+
+    def heads_of(t):
+        return t.view(batch, tokens, -1, dim).transpose(1, 2)
+
+    expected = (*apply_rotary_pos_emb(heads_of(query), heads_of(key), cos, sin), heads_of(value))
+    for name, got_part, expected_part in zip(("query", "key", "value"), got, expected, strict=True):
+        assert got_part.is_contiguous() and torch.equal(got_part, expected_part), name  # bit for bit
+
+
+def test_rotary_heads_shapes_that_do_not_fit_are_errors():
+    rotary = backend.extension().rotary_heads
+    q, kv, angles = torch.randn(1, 2, 32), torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        rotary(q, kv, kv, angles[..., :15], angles[..., :15], 15)  # odd head size
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        rotary(q, kv, kv, angles[:, :1], angles[:, :1], 16)  # angles for one token of two
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        rotary(q[..., :24], kv, kv, angles, angles, 16)  # 24 features are not whole heads
+    with pytest.raises(RuntimeError, match="dtype"):
+        rotary(q, kv, kv, angles.bfloat16(), angles.bfloat16(), 16)
+
+
 def test_models_generate_the_same_tokens(arch, tiny_folder, monkeypatch):
     model, _ = load_model(tiny_folder)
     prompt = torch.randint(3, 300, (1, 6))
@@ -69,7 +103,12 @@ def test_models_generate_the_same_tokens(arch, tiny_folder, monkeypatch):
     sdpa = model.config._attn_implementation == "sdpa"
     kernel, calls = backend.extension().decode_attention, []
     monkeypatch.setattr(backend.extension(), "decode_attention", lambda *args: calls.append(1) or kernel(*args))
-    assert use_kernels(model, "sparse", dense_layers=True).decode_attention == sdpa
+    report = use_kernels(model, "sparse", dense_layers=True)
+    assert report.decode_attention == sdpa
+    # Llama and Qwen 2 attention take the fused rotary forward; Gemma 3 normalises queries and keys
+    # (q_norm, k_norm), OPT and GPT-2 have other projections
+    layers = model.config.num_hidden_layers
+    assert report.rotary_attention == (layers if arch in ("llama", "qwen2") else 0)
     assert torch.equal(generate(), expected)
     # every layer of every decoded token but the last; Gemma 3's sliding layers mask keys (its cache
     # keeps them all here) and go to transformers' SDPA once the window is full
@@ -84,3 +123,21 @@ def test_sparse_attention_switches_and_comes_back(llama_folder):
     assert attention.current(model).name == "window"
     attention.apply(model, "sdpa")
     assert model.config._attn_implementation == IMPLEMENTATION and attention.current(model) is None
+
+
+def test_a_different_attention_keeps_its_forward(llama_folder):
+    class ScaledAttention(LlamaAttention):  # the same modules, another function
+        def forward(self, *args, **kwargs):
+            output, weights = super().forward(*args, **kwargs)
+            return output * 2, weights
+
+    model, _ = load_model(llama_folder)
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = ScaledAttention
+    tokens = torch.randint(3, 300, (1, 7))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        report = use_kernels(model, "sparse", dense_layers=True)
+        assert report.decode_attention and report.rotary_attention == 0
+        assert not any("forward" in layer.self_attn.__dict__ for layer in model.model.layers)
+        torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-4, atol=1e-4)

@@ -1,21 +1,33 @@
-"""Decoding's attention as one compiled call, for models that compute attention with torch's SDPA.
+"""Decoding's attention in compiled calls, for models that compute attention with torch's SDPA.
 
 A decoded token's query attends to every cached key (no mask): the kernel computes softmax(scale
 q k^T) v for it in float32, grouped keys and values read in place. transformers' SDPA path spent
 ~10 tensor ops a layer on it (glue, the grouped-query reshape, the SDPA call, a transpose), each
 ~10 us in a decoding model. Everything else (prompts, masks, soft-capping, attention sinks) goes
 to transformers' own SDPA function, under the mask rules of ``sdpa``.
+
+Attention modules of the Llama family's shape (q/k/v/o projections, rotary embedding, no norms of
+queries or keys) also get a forward that splits the projections into heads and rotates queries
+and keys in one call (``rotary_forward``); it is kept only if the model's logits stay bit for bit
+the same on a short prompt, so a family or a transformers version whose attention differs keeps
+its own forward.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from ..logging_utils import logger
 from . import backend
+from .linear import SparseLinear
 
 # the model's attn_implementation on the kernels; not under the "sparsellm_" prefix, which
 # attention.hf keeps for the sparse attention methods
@@ -44,3 +56,59 @@ def use_decode_attention(model: nn.Module) -> bool:
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model.set_attn_implementation(IMPLEMENTATION)
     return True
+
+
+def rotary_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None,
+                   **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' Llama attention forward, the split into heads and the rotary embedding in one call.
+
+    The cache comes as ``cache`` or, in earlier transformers 5 releases, ``past_key_values``.
+    """
+    cos, sin = position_embeddings
+    query, key, value = backend.extension().rotary_heads(self.q_proj(hidden_states), self.k_proj(hidden_states),
+                                                         self.v_proj(hidden_states), cos, sin, self.head_dim)
+    cache = cache if cache is not None else past_key_values
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    output, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling,
+                                dropout=self.attention_dropout if self.training else 0.0, **kwargs)
+    return self.o_proj(output.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _llama_shaped(module: nn.Module) -> bool:
+    projections = all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    state = all(hasattr(module, name) for name in ("head_dim", "layer_idx", "scaling", "config", "attention_dropout"))
+    normed = hasattr(module, "q_norm") or hasattr(module, "k_norm")
+    return type(module).__name__.endswith("Attention") and projections and state and not normed
+
+
+@torch.no_grad()
+def use_rotary_forward(model: nn.Module) -> int:
+    """Give ``model``'s Llama-shaped attention modules ``rotary_forward``, in place, if the logits of
+    a short prompt stay bit for bit the same; how many modules got it."""
+    modules = [module for module in model.modules() if _llama_shaped(module)]
+    if not modules or backend.current().name == "torch":
+        return 0
+    prompt = torch.arange(1, 6).unsqueeze(0)
+    layers = [layer for layer in model.modules() if isinstance(layer, SparseLinear)]
+    dispatch = [layer.dispatch for layer in layers]
+    for layer in layers:
+        layer.dispatch = "sparse"  # no measurement of kernels="auto"'s crossovers for a probe
+    try:
+        expected = model(input_ids=prompt, use_cache=True).logits
+        for module in modules:
+            module.forward = types.MethodType(rotary_forward, module)
+        same = torch.equal(model(input_ids=prompt, use_cache=True).logits, expected)
+    except (TypeError, RuntimeError, AttributeError) as error:  # a forward that takes other arguments
+        logger.debug("rotary_forward does not fit %s: %s", type(modules[0]).__name__, error)
+        same = False
+    finally:
+        for layer, mode in zip(layers, dispatch, strict=True):
+            layer.dispatch = mode
+    if not same:
+        for module in modules:
+            module.__dict__.pop("forward", None)
+        return 0
+    return len(modules)

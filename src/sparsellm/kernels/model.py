@@ -21,7 +21,7 @@ from ..format.layout import BITMASK, BITMASK_24, DENSE, EncodedLayer
 from ..logging_utils import logger, progress
 from ..models import decoder_blocks, linear_layers, load_model, parse_dtype, weight_matrix
 from . import backend
-from .attention import use_decode_attention
+from .attention import use_decode_attention, use_rotary_forward
 from .layouts import Quantization
 from .linear import SparseLinear
 from .norm import fused_norm
@@ -41,12 +41,14 @@ class KernelReport:
     packed_moe_layers: int = 0  # MoE layers whose experts are in the kernels' layout
     fused_norms: int = 0  # RMS norms run as one compiled call (norm.py)
     decode_attention: bool = False  # a decoded token's attention in one compiled call (attention.py)
+    rotary_attention: int = 0  # attention modules whose heads and rotary embedding are one call (attention.py)
 
     def describe(self) -> str:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.layers.items()))
         moe = f"; {self.packed_moe_layers} MoE layers' experts packed" if self.packed_moe_layers else ""
         norms = f"; {self.fused_norms} RMS norms fused" if self.fused_norms else ""
         attention = "; decoding's attention compiled" if self.decode_attention else ""
+        attention += f"; {self.rotary_attention} attention layers' rotary embedding fused" if self.rotary_attention else ""
         return (f"{kinds or 'no layers'} on {self.backend} kernels; their weights "
                 f"{self.dense_bytes / 1e6:.1f} MB -> {self.kernel_bytes / 1e6:.1f} MB{moe}{norms}{attention}")
 
@@ -75,7 +77,8 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
     16-bit values, which it reads faster than torch does). Layers that are ``SparseLinear`` already
     stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``). With
     ``fuse``, RMS norms become one compiled call each (``norm.fused_norm``) where that computes the same
-    values, and so does a decoded token's attention in models that use torch's SDPA (``attention``).
+    values, and so does a decoded token's attention in models that use torch's SDPA, with the split
+    into heads and the rotary embedding of Llama-shaped attention (``attention``).
     ``kernels="dense"`` leaves the model as it is.
     """
     if kernels not in KERNELS:
@@ -112,6 +115,7 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
                 _set_module(model, name, norm)
                 report.fused_norms += 1
         report.decode_attention = use_decode_attention(model)
+        report.rotary_attention = use_rotary_forward(model) if report.decode_attention else 0
     # imported here: importing the MoE package registers its model type with transformers
     from ..activations.moe.modeling import pack_experts
 
