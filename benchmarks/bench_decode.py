@@ -10,8 +10,9 @@ Parts (all by default):
 Speed: greedy decoding of 128 tokens at batch 1 and a forward pass over a 512-token prompt,
 variants interleaved run by run, medians, ratios to the faster of dense float32 / bfloat16. The
 sparsellm rows run the model as ``sparsellm.load`` gives it (bfloat16: the output layer on
-sparsellm's dense kernel too, RMS norms and a decoded token's attention as compiled calls); one row
-keeps torch's output layer, one transformers' norms and attention, to show those shares.
+sparsellm's dense kernel too; RMS norms, a decoded token's attention and the rotary embedding as
+compiled calls); one row keeps torch's output layer, one transformers' norms and attention, to show
+those shares.
 
     flock /tmp/sparsellm-heavy.lock python benchmarks/bench_decode.py --threads 2
 """
