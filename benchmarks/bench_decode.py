@@ -9,10 +9,11 @@ Parts (all by default):
 
 Speed: greedy decoding of 128 tokens at batch 1 and a forward pass over a 512-token prompt,
 variants interleaved run by run, medians, ratios to the faster of dense float32 / bfloat16. The
-sparsellm rows run the model as ``sparsellm.load`` gives it (bfloat16: the output layer on
-sparsellm's dense kernel too; RMS norms, a decoded token's attention and the rotary embedding as
-compiled calls); one row keeps torch's output layer, one transformers' norms and attention, to show
-those shares.
+sparsellm rows run the model as ``sparsellm.load(folder, dtype="auto")`` gives it (values in
+bfloat16, activations in the CPU's compute dtype: float32 without bfloat16 arithmetic; the output
+layer on sparsellm's dense kernel too; RMS norms, a decoded token's attention and the rotary
+embedding as compiled calls); one row keeps torch's output layer, one transformers' norms and
+attention, to show those shares.
 
     flock /tmp/sparsellm-heavy.lock python benchmarks/bench_decode.py --threads 2
 """
@@ -70,14 +71,15 @@ def speed_rows(folder: Path, activation_sparsity: float | None, repeats: int, to
     variants = {name: load_model(folder, dtype=dtype)[0] for name, dtype in speed.DENSE.items()}
     # as sparsellm.load runs bfloat16 (values stored in bfloat16 whatever the folder holds): the output
     # layer, and any unpruned linear, on sparsellm's dense kernel too; the next row leaves them to torch
-    variants["sparsellm 50%"] = sparsellm.load(folder, dtype=torch.bfloat16, kernels="auto")
-    variants["sparsellm 50%, torch output layer"] = load_model(folder, dtype=torch.bfloat16)[0]
+    compute = backend.compute_dtype()  # activations: float32 on CPUs without bfloat16 arithmetic
+    variants["sparsellm 50%"] = sparsellm.load(folder, dtype="auto", kernels="auto")
+    variants["sparsellm 50%, torch output layer"] = load_model(folder, dtype=compute)[0]
     use_kernels(variants["sparsellm 50%, torch output layer"], "auto", dtype=torch.bfloat16)
     # the linear layers alone on the kernels: transformers' RMS norms and attention, not the fused calls
-    variants["sparsellm 50%, linears only"] = load_model(folder, dtype=torch.bfloat16)[0]
+    variants["sparsellm 50%, linears only"] = load_model(folder, dtype=compute)[0]
     use_kernels(variants["sparsellm 50%, linears only"], "auto", dtype=torch.bfloat16, dense_layers=True, fuse=False)
     if activation_sparsity:
-        model = load_model(folder, dtype=torch.bfloat16)[0]
+        model = load_model(folder, dtype=compute)[0]
         result = calibrate(model, None, activation_sparsity, windows=windows)
         use_kernels(model, "auto", dtype=torch.bfloat16, thresholds=result.thresholds,
                     activation_sparsity=result.targets, dense_layers=True)
@@ -137,7 +139,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     configure(-1)
     print(f"kernels: {backend.current().name} ({backend.current().reason}); {args.threads} threads; "
-          f"torch {torch.__version__}", flush=True)
+          f"compute dtype {backend.compute_dtype()}; torch {torch.__version__}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(args.work or temporary)

@@ -5,6 +5,7 @@ by plain hooks where activation sparsity is on).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from sparsellm.activations import ActivationSparsity, calibrate, held_out_sparsi
 from sparsellm.activations.teal import AbsHistogram
 from sparsellm.cli import main
 from sparsellm.errors import SparseLLMError
-from sparsellm.kernels import SparseLinear, load, use_kernels
+from sparsellm.kernels import SparseLinear, backend, load, use_kernels
 from sparsellm.models import decoder_blocks, linear_layers, load_model
 
 
@@ -227,3 +228,18 @@ def test_activation_sparsity_in_a_recipe(llama_folder, tmp_path, capsys):
                  "--activation-sparsity", "0.3", "--output", str(tmp_path / "sized")]) == 2
     assert "activation sparsity does not change the checkpoint's size" in capsys.readouterr().err
     assert not (tmp_path / "sized").exists()
+
+
+def test_auto_dtype_follows_the_cpu(llama_folder, tmp_path):
+    flags = Path("/proc/cpuinfo").read_text().split() if backend.extension() is not None else []
+    hardware = "avx512_bf16" in flags and backend.current().name != "torch"
+    assert backend.compute_dtype() == (torch.bfloat16 if hardware else torch.float32)
+    with backend.use_backend("torch"):
+        assert backend.compute_dtype() == torch.float32
+    model, tokenizer = load_model(llama_folder)
+    sparsellm.prune(model, tokenizer, method="magnitude", sparsity=0.5)
+    folder = sparsellm.save(model, tokenizer, tmp_path / "pruned")
+    loaded = load(folder, dtype="auto")
+    assert loaded.dtype == backend.compute_dtype()
+    layers = kernel_layers(loaded)
+    assert layers and {layer.layout.codec for layer in layers} == {"bfloat16"}

@@ -99,12 +99,12 @@ def measure(variants: dict[str, nn.Module], *, decode_tokens: int = 128, prefill
     return report
 
 
-def compare(folder: str | os.PathLike, *, kernels: str = "auto", dtype: torch.dtype = torch.bfloat16,
+def compare(folder: str | os.PathLike, *, kernels: str = "auto", dtype: torch.dtype | str = "auto",
             **options) -> SpeedReport:
     """Decode and prefill speed of the folder's model: dense (float32, bfloat16) vs the kernels.
 
-    The kernel variant computes in ``dtype`` and stores its sparse values in bfloat16; ``options``
-    go to ``measure``.
+    The kernel variant computes in ``dtype`` ("auto": the CPU's, see ``kernels.backend.compute_dtype``)
+    and stores its values in bfloat16; ``options`` go to ``measure``.
     """
     variants = {name: load_model(folder, dtype=value)[0] for name, value in DENSE.items()}
     variants["sparsellm"] = load_kernels(folder, dtype, kernels, weight_dtype=torch.bfloat16)

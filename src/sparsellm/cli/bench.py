@@ -16,7 +16,9 @@ def add_parser(commands) -> None:
                                              "and ratios to the faster dense variant.")
     parser.add_argument("folder", help="a pruned model folder")
     parser.add_argument("--kernels", default="auto", choices=["auto", "sparse"], help="dispatch of the kernel layers")
-    parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the kernel variant")
+    parser.add_argument("--dtype", default="auto",
+                        help="compute dtype of the kernel variant (auto: bfloat16 where the CPU multiplies "
+                             "bfloat16, else float32; values stay bfloat16)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to decode (batch 1, greedy)")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill measurement")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
@@ -27,7 +29,8 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = speed.compare(args.folder, kernels=args.kernels, dtype=parse_dtype(args.dtype),
+    dtype = args.dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+    report = speed.compare(args.folder, kernels=args.kernels, dtype=dtype,
                            decode_tokens=args.tokens, prefill_tokens=args.prefill, repeats=args.repeats)
     data = report.to_dict()
     lines = [f"{'variant':<16} {'decode tok/s':>12} {'ratio':>6} {'prefill tok/s':>13} {'ratio':>6}"]

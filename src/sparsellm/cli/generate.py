@@ -20,7 +20,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     parser.add_argument("--kernels", default="auto", choices=["auto", "sparse", "dense"],
                         help="sparse kernels (auto: dense GEMM for long prompts), or plain dense torch")
-    parser.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
+    parser.add_argument("--dtype", default="auto",
+                        help="compute dtype (auto: bfloat16 where the CPU multiplies bfloat16, else float32)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -32,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise SparseLLMError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    dtype = parse_dtype(args.dtype)
-    model = load(args.folder, dtype, args.kernels)
+    model = load(args.folder, args.dtype if args.dtype == "auto" else parse_dtype(args.dtype), args.kernels)
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):

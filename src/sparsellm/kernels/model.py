@@ -181,7 +181,9 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32, ke
     ``kernels="auto"`` runs each layer's sparse kernel up to its measured crossover number of
     tokens and the dense path beyond; ``"sparse"`` always the sparse kernel; ``"dense"`` rebuilds
     the plain transformers model. A compact folder's packed layers become kernel layouts directly,
-    never dense weights. ``dtype`` is the compute dtype (activations, layers left dense);
+    never dense weights. ``dtype`` is the compute dtype (activations, layers left dense); "auto"
+    takes ``backend.compute_dtype()`` for this CPU, with bfloat16 values unless ``weight_dtype`` says
+    otherwise;
     ``weight_dtype`` the storage of float values (None: ``dtype`` when it is 16-bit, else as saved in
     a compact folder and ``dtype`` in a dense one); with 16-bit values the unpruned linear layers and
     the output layer run on the dense kernel too. Activation thresholds saved with the model
@@ -191,6 +193,8 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32, ke
     from ..activations import teal
     from ..format import compact
 
+    if dtype == "auto":
+        dtype, weight_dtype = backend.compute_dtype(), weight_dtype or torch.bfloat16
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if kernels not in KERNELS:
         raise SparseLLMError(f"unknown kernels '{kernels}': use one of {', '.join(KERNELS)}")

@@ -608,6 +608,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsellm CPU kernels for sparse and quantized linear layers";
   pybind11::class_<sparsellm::Handle, std::shared_ptr<sparsellm::Handle>>(m, "Handle");
   m.def("cpu_isas", &sparsellm::cpu_isas, "instruction sets of this CPU that the kernels can use, best first");
+  m.def("has_bf16_dot_products", &sparsellm::has_bf16_dot_products, "whether this CPU multiplies bfloat16 (AVX512_BF16)");
   m.def("handle", &sparsellm::make_handle, "the kernels' view of a layout (see layouts.py)");
   m.def("linear", &sparsellm::linear, "y = s(x) W^T + bias through the sparse kernel or the dense path");
   m.def("decode", &sparsellm::decode, "rows of one panel as a dense fp32 matrix");
