@@ -96,8 +96,7 @@ def compute_dtype() -> torch.dtype:
     elsewhere, where bfloat16 GEMMs and tensor ops are slower than float32 ones. Measured on the Zen
     3 (15 interleaved rounds): the sample's 512-token prefill at 1.06x dense float32 with float32
     activations against 0.96x with bfloat16, decoding equal (1.96x / 1.90x dense bfloat16)."""
-    module = extension()
-    hardware = module is not None and current().name != "torch" and module.has_bf16_dot_products()
+    hardware = current().name != "torch" and extension().has_bf16_dot_products()
     return torch.bfloat16 if hardware else torch.float32
 
 

@@ -452,6 +452,20 @@ at::Tensor decode(const Handle& h, int64_t panel_index, int64_t row_begin, int64
   return out;
 }
 
+// sum of a[i] * b[i] in float32, in eight running sums: a loop the compiler vectorises without
+// reassociating
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t n) {
+  float lanes[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += as_float(a[i + l]) * as_float(b[i + l]);
+  float sum = 0.0f;
+  for (; i < n; ++i) sum += as_float(a[i]) * as_float(b[i]);
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
 // The Llama family's RMS normalisation of each row of x: weight * (x / sqrt(mean(x^2) + eps)) in
 // float32, the normalised row rounded to x's dtype before the product with the weight (x's dtype
 // too), which rounds again, as transformers' module computes it. One call for the module's eight
@@ -473,16 +487,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = xs + r * width;
-        float lanes[8] = {};  // eight running sums: a loop the compiler vectorises without reassociating
-        int64_t c = 0;
-        for (; c + 8 <= width; c += 8)
-          for (int l = 0; l < 8; ++l) lanes[l] += as_float(row[c + l]) * as_float(row[c + l]);
-        float squares = 0.0f;
-        for (; c < width; ++c) squares += as_float(row[c]) * as_float(row[c]);
-        for (float lane : lanes) squares += lane;
-        const float scale = 1.0f / std::sqrt(squares / float(width) + float(eps));
+        const float scale = 1.0f / std::sqrt(dot(row, row, width) / float(width) + float(eps));
         scalar_t* o = os + r * width;
-        for (c = 0; c < width; ++c) {
+        for (int64_t c = 0; c < width; ++c) {
           const scalar_t normalised = rounded<scalar_t>(as_float(row[c]) * scale);
           o[c] = rounded<scalar_t>(as_float(ws[c]) * as_float(normalised));
         }
@@ -520,16 +527,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
         for (int64_t d = 0; d < dim; ++d) query_f[d] = as_float(qs[bh * dim + d]) * float(scale);
         float top = -INFINITY;
         for (int64_t j = 0; j < length; ++j) {
-          const scalar_t* kj = ks + (group * length + j) * dim;
-          float lanes[8] = {};  // eight running sums: a loop the compiler vectorises without reassociating
-          int64_t d = 0;
-          for (; d + 8 <= dim; d += 8)
-            for (int l = 0; l < 8; ++l) lanes[l] += query_f[d + l] * as_float(kj[d + l]);
-          float dot = 0.0f;
-          for (; d < dim; ++d) dot += query_f[d] * as_float(kj[d]);
-          for (float lane : lanes) dot += lane;
-          scores[j] = dot;
-          top = std::max(top, dot);
+          scores[j] = dot(query_f.data(), ks + (group * length + j) * dim, dim);
+          top = std::max(top, scores[j]);
         }
         std::fill(sums.begin(), sums.end(), 0.0f);
         float total = 0.0f;
