@@ -470,6 +470,9 @@ inline void input_major_rows_bf16(const Weights& w, const Batch& b, const int32_
     const uint16_t* v[kRows];
     for (int r = 0; r < kRows; ++r) v[r] = values + start[r];
     for (int64_t k = 0; k < words; ++k) {
+      // unrolled: GCC left this loop rolled, so v[] lived on the stack and each of the rows' value
+      // pointers was stored back there after every 8 columns below (1.11-1.17x unrolled, A/B as above)
+#pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
         for (int line = 0; line < (F == kDense ? 2 : 1); ++line) {  // the bytes a row consumes per 64 columns
           _mm_prefetch(reinterpret_cast<const char*>(v[r] + ahead[r]) + 64 * line, _MM_HINT_T1);
