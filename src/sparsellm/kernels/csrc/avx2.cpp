@@ -445,9 +445,10 @@ inline void input_major_rows_bf16(const Weights& w, const Batch& b, const int32_
     start[r] = w.value_start(0, inputs[r]);
     codes[r] = row_codes<F>(w, F == kBitmask ? w.mask + inputs[r] * words : nullptr, start[r]);
     // the next rows are not adjacent to these: each is fetched alongside one of these, at the same
-    // position, into L2 only, where the hardware takes them on to L1 (fetched into L1, 4 next rows of
-    // a 5632-column matrix, ~25 KB, pushed out these rows and y: 1.02-1.10x without, and without a
-    // prefetch of these rows' own values; A/B of the two builds in one process, Zen 3)
+    // position, into L2 only; the hardware moves them on to L1. Fetched into L1, the 4 next rows
+    // (~25 KB at 5632 columns) pushed out these rows and y; into L2, and with no prefetch of these
+    // rows' own values (the previous group fetched them), 1.02-1.10x (A/B of the two builds in one
+    // process, Zen 3)
     ahead[r] = w.value_start(0, next_inputs[r]) - start[r];
     next_codes[r] = row_codes<F>(w, F == kBitmask ? w.mask + next_inputs[r] * words : nullptr, ahead[r] + start[r]);
   }
