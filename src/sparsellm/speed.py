@@ -21,7 +21,7 @@ from torch import nn
 from .kernels import SparseLinear
 from .kernels import load as load_kernels
 from .logging_utils import logger, progress
-from .models import decoder_blocks, linear_layers, load_model
+from .models import decoder_blocks, linear_layers, load_model, parse_dtype
 
 DENSE = {"dense float32": torch.float32, "dense bfloat16": torch.bfloat16}
 
@@ -106,6 +106,8 @@ def compare(folder: str | os.PathLike, *, kernels: str = "auto", dtype: torch.dt
     The kernel variant computes in ``dtype`` ("auto": the CPU's, see ``kernels.backend.compute_dtype``)
     and stores its values in bfloat16; ``options`` go to ``measure``.
     """
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = parse_dtype(dtype)  # a bad name fails before the dense variants load
     variants = {name: load_model(folder, dtype=value)[0] for name, value in DENSE.items()}
     variants["sparsellm"] = load_kernels(folder, dtype, kernels, weight_dtype=torch.bfloat16)
     return measure(variants, kernels=kernels, **options)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from .. import speed
-from ..models import parse_dtype
 from .common import emit
 
 
@@ -29,8 +28,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dtype = args.dtype if args.dtype == "auto" else parse_dtype(args.dtype)
-    report = speed.compare(args.folder, kernels=args.kernels, dtype=dtype,
+    report = speed.compare(args.folder, kernels=args.kernels, dtype=args.dtype,
                            decode_tokens=args.tokens, prefill_tokens=args.prefill, repeats=args.repeats)
     data = report.to_dict()
     lines = [f"{'variant':<16} {'decode tok/s':>12} {'ratio':>6} {'prefill tok/s':>13} {'ratio':>6}"]

@@ -10,7 +10,6 @@ import torch
 
 from ..errors import SparseLLMError
 from ..kernels import load
-from ..models import parse_dtype
 
 
 def add_parser(commands) -> None:
@@ -33,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise SparseLLMError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    model = load(args.folder, args.dtype if args.dtype == "auto" else parse_dtype(args.dtype), args.kernels)
+    model = load(args.folder, args.dtype, args.kernels)  # load parses the dtype's name ("auto" included)
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
