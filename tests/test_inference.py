@@ -36,6 +36,7 @@ def test_pruned_model_on_kernels_matches_dense(tiny_folder, pattern):
         layers = kernel_layers(model)
         assert layers and sum(report.layers.values()) == len(layers)
         assert {layer.layout.format for layer in layers} == {"bitmask" if pattern == "unstructured" else "2:4"}
+        assert report.dense_bytes == sum(4 * layer.out_features * layer.in_features for layer in layers)
         assert report.kernel_bytes < report.dense_bytes * 0.6
         torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-4, atol=1e-4)
         for layer in layers:
@@ -194,6 +195,10 @@ def test_compact_folder_runs_packed_layers(llama_folder, tmp_path, pattern, sche
             assert codecs == {"uint4" if scheme.bits == 4 else "uint8"}
         assert {layer.layout.format for layer in layers} == {"bitmask" if pattern == "unstructured" else "2:4"}
         torch.testing.assert_close(sparse(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+        # the packed layers never were dense: the report counts them as the float32 model would hold them
+        report = use_kernels(sparse, "sparse", fuse=False)
+        assert report.dense_bytes == sum(4 * layer.out_features * layer.in_features for layer in layers)
+        assert report.kernel_bytes == sum(layer.layout.nbytes for layer in layers) < report.dense_bytes * 0.6
 
 
 def test_load_stores_values_in_a_16_bit_compute_dtype(llama_folder, tmp_path):

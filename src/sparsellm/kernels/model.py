@@ -32,11 +32,12 @@ MIN_SPARSITY = 0.2  # below this a bitmask layer reads about as many bytes as a 
 
 @dataclass
 class KernelReport:
-    """What ``use_kernels`` did: layers per format, and bytes of their weights before and after."""
+    """What ``use_kernels`` did: layers per format, and bytes of their weights dense and in kernel layouts."""
 
     backend: str
     layers: Counter = field(default_factory=Counter)
-    dense_bytes: int = 0
+    dense_bytes: int = 0  # the kernel layers' weights as dense matrices in the model's dtype
+    dense_dtype: torch.dtype = torch.float32
     kernel_bytes: int = 0
     packed_moe_layers: int = 0  # MoE layers whose experts are in the kernels' layout
     fused_norms: int = 0  # RMS norms run as one compiled call (norm.py)
@@ -49,8 +50,9 @@ class KernelReport:
         norms = f"; {self.fused_norms} RMS norms fused" if self.fused_norms else ""
         attention = "; decoding's attention compiled" if self.decode_attention else ""
         attention += f"; {self.rotary_attention} attention layers' rotary embedding fused" if self.rotary_attention else ""
-        return (f"{kinds or 'no layers'} on {self.backend} kernels; their weights "
-                f"{self.dense_bytes / 1e6:.1f} MB -> {self.kernel_bytes / 1e6:.1f} MB{moe}{norms}{attention}")
+        dense = f"{self.dense_bytes / 1e6:.1f} MB dense {str(self.dense_dtype).removeprefix('torch.')}"
+        return (f"{kinds or 'no layers'} on {self.backend} kernels; their weights {dense} -> "
+                f"{self.kernel_bytes / 1e6:.1f} MB{moe}{norms}{attention}")
 
 
 def choose_format(keep: torch.Tensor) -> str:
@@ -93,7 +95,6 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
                                         keep=keep, threshold=thresholds.get(name), dispatch=kernels)
         layer.activation_sparsity = targets.get(name)
         _set_module(model, name, layer)
-        report.dense_bytes += module.weight.numel() * module.weight.element_size()
 
     prefix, blocks = decoder_blocks(model)
     for index in progress(range(len(blocks)), desc="kernel layouts", unit="block"):
@@ -125,8 +126,11 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
 
 
 def _measure_together(model: nn.Module, report: KernelReport) -> None:
-    """Let layers of the same shape and format share one measured crossover; count them."""
+    """Let layers of the same shape and format share one measured crossover; count them and their bytes."""
     peers: dict[tuple, list[SparseLinear]] = defaultdict(list)
+    # layers built from a compact folder never were dense: count them as the model's dtype would hold them
+    report.dense_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dense_itemsize = torch.empty(0, dtype=report.dense_dtype).element_size()
     for module in model.modules():
         if isinstance(module, SparseLinear):
             layout = module.layout
@@ -134,6 +138,7 @@ def _measure_together(model: nn.Module, report: KernelReport) -> None:
                    module.activation_sparsity)].append(module)
             report.layers[layout.describe().rsplit(" ", 1)[0]] += 1
             report.kernel_bytes += layout.nbytes
+            report.dense_bytes += layout.out_features * layout.in_features * dense_itemsize
     for group in peers.values():
         for layer in group:
             layer.peers = group
