@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -630,6 +631,105 @@ void decode_bf16_avx2(const Weights& w, int64_t p, int64_t row_begin, int64_t ro
       }
     }
   }
+}
+
+namespace {
+
+// e^x for 8 lanes: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by Cephes' expf polynomial, 2^n
+// through the exponent bits; within 2 ulp of std::exp. Inputs below -87.3 give 0 (scores minus
+// their top are <= 0).
+inline __m256 exp_ps(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.3f);
+  const __m256 too_low = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, low);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(too_low, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 max_lanes(__m256 v) {
+  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_max_ps(v, _mm256_permute_ps(v, 0x4e));
+  return _mm256_max_ps(v, _mm256_permute_ps(v, 0xb1));
+}
+
+template <int C>
+void attention_chunk(const AttentionChunk& a) {
+  const int64_t dim = a.dim, padded = (a.count + 7) / 8 * 8;
+  // the scores of each query head for every key, a key's row read once for all heads sharing it;
+  // four keys at a time, four running sums (one sum's chain of FMAs had bound the loop)
+  int64_t j = 0;
+  for (; j + 4 <= a.count; j += 4) {
+    for (int64_t g = 0; g < a.shared; ++g) {
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t d = 0; d < dim; d += 8) {
+        const __m256 q = _mm256_loadu_ps(a.queries + g * dim + d);
+        for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(q, Values<C>::load(a.keys, (j + u) * a.key_stride + d), acc[u]);
+      }
+      const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+      _mm_storeu_ps(a.scores + g * padded + j, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+    }
+  }
+  for (; j < a.count; ++j) {
+    for (int64_t g = 0; g < a.shared; ++g) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.queries + g * dim + d), Values<C>::load(a.keys, j * a.key_stride + d), acc);
+      a.scores[g * padded + j] = sum_lanes(acc);
+    }
+  }
+  for (int64_t g = 0; g < a.shared; ++g) {
+    float* scores = a.scores + g * padded;
+    std::fill(scores + a.count, scores + padded, -INFINITY);
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < padded; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores + j));
+    top = max_lanes(top);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 8) {  // the padding's -inf gives 0
+      const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
+      _mm256_storeu_ps(scores + j, p);
+      total = _mm256_add_ps(total, p);
+    }
+    float* result = a.result + g * (dim + 2);
+    result[0] = _mm256_cvtss_f32(top);
+    result[1] = sum_lanes(total);
+    std::fill(result + 2, result + 2 + dim, 0.0f);
+  }
+  // each value row read once for all heads; two rows per pass, so each head's sums are loaded and
+  // stored once for two rows (padding: p = 0, and the last row read twice)
+  for (int64_t j = 0; j < a.count; j += 2) {
+    const int64_t next = j + 1 < a.count ? j + 1 : j;
+    for (int64_t g = 0; g < a.shared; ++g) {
+      const __m256 p0 = _mm256_set1_ps(a.scores[g * padded + j]), p1 = _mm256_set1_ps(a.scores[g * padded + j + 1]);
+      float* sums = a.result + g * (dim + 2) + 2;
+      for (int64_t d = 0; d < dim; d += 8) {
+        const __m256 sum = _mm256_fmadd_ps(p0, Values<C>::load(a.values, j * a.value_stride + d), _mm256_loadu_ps(sums + d));
+        _mm256_storeu_ps(sums + d, _mm256_fmadd_ps(p1, Values<C>::load(a.values, next * a.value_stride + d), sum));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void attention_chunk_avx2(const AttentionChunk& a) {
+  a.codec == kF32 ? attention_chunk<kF32>(a) : a.codec == kBF16 ? attention_chunk<kBF16>(a) : attention_chunk<kF16>(a);
 }
 
 }  // namespace sparsellm

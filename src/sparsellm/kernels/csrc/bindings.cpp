@@ -504,6 +504,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // (every cached key is visible). softmax(scale q k^T) v in float32, returned as (batch, 1, heads,
 // dim) in the query's dtype, the layout transformers' attention functions return. One call for
 // what torch's scaled_dot_product_attention and transformers' glue around it did in ~10 ops.
+// The query heads that share keys and values read them in one pass (each head reading them
+// again had cost the sample model ~2x the bytes at long contexts), and the keys go in chunks of
+// kKeysPerChunk, each chunk's softmax partial sums merged at the end (flash-decoding), so that the
+// threads share a sequence with few key heads. The chunks depend on the length only, not on the
+// threads, so results do too; up to one chunk the sums are those of a plain softmax.
+constexpr int64_t kKeysPerChunk = 256;  // a multiple of 8 (the AVX2 chunk's scratch)
+
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale) {
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.sizes() == key.sizes() && query.size(2) == 1 &&
                   query.size(0) == key.size(0) && query.size(3) == key.size(3) && query.size(3) > 0 &&
@@ -511,37 +518,74 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
               "decode_attention: shapes do not fit one query token with grouped keys");
   TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
               "decode_attention: query, keys and values differ in dtype");
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  // keys and values are read where they lie when each token's vector is contiguous (a cache's
+  // views of a longer buffer are), else copied
+  const auto rows_of = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = query.contiguous(), k = rows_of(key), v = rows_of(value);
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = k.size(2), dim = q.size(3);
-  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (length * dim));  // heads per thread
+  const int64_t shared = heads / kv_heads, chunks = (length + kKeysPerChunk - 1) / kKeysPerChunk;
+  const int64_t items = batch * kv_heads * chunks;  // (sequence, key head, chunk of keys)
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (std::min(length, kKeysPerChunk) * dim * shared));
+  // per item and query head of it: the chunk's top score, its sum of exp(score - top), and the
+  // exp-weighted sum of its values (dim)
+  const int64_t stride = dim + 2;
+  std::vector<float> partial(items * shared * stride);
   at::Tensor out = at::empty({batch, 1, heads, dim}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     const scalar_t* qs = q.data_ptr<scalar_t>();
     const scalar_t* ks = k.data_ptr<scalar_t>();
     const scalar_t* vs = v.data_ptr<scalar_t>();
-    scalar_t* os = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * heads, grain, [&](int64_t h0, int64_t h1) {
-      std::vector<float> query_f(dim), scores(length), sums(dim);
-      for (int64_t bh = h0; bh < h1; ++bh) {
-        const int64_t group = (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
-        for (int64_t d = 0; d < dim; ++d) query_f[d] = as_float(qs[bh * dim + d]) * float(scale);
-        float top = -INFINITY;
-        for (int64_t j = 0; j < length; ++j) {
-          scores[j] = dot(query_f.data(), ks + (group * length + j) * dim, dim);
-          top = std::max(top, scores[j]);
+    constexpr int codec = std::is_same_v<scalar_t, float> ? kF32 : std::is_same_v<scalar_t, at::BFloat16> ? kBF16 : kF16;
+    at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> queries(shared * dim), scores(shared * kKeysPerChunk);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t chunk = item % chunks, kv = (item / chunks) % kv_heads, b = item / (chunks * kv_heads);
+        const int64_t first = chunk * kKeysPerChunk, count = std::min(length, first + kKeysPerChunk) - first;
+        const scalar_t* keys = ks + b * k.stride(0) + kv * k.stride(1) + first * k.stride(2);
+        const scalar_t* values = vs + b * v.stride(0) + kv * v.stride(1) + first * v.stride(2);
+        for (int64_t g = 0; g < shared; ++g)
+          for (int64_t d = 0; d < dim; ++d) queries[g * dim + d] = as_float(qs[((b * heads) + kv * shared + g) * dim + d]) * float(scale);
+        float* result = partial.data() + item * shared * stride;
+        if (dim % 8 == 0) {
+          attention_chunk_avx2({queries.data(), shared, dim, count, keys, values, k.stride(2), v.stride(2), codec,
+                                scores.data(), result});
+          continue;
         }
-        std::fill(sums.begin(), sums.end(), 0.0f);
-        float total = 0.0f;
-        for (int64_t j = 0; j < length; ++j) {
-          const float p = std::exp(scores[j] - top);
-          total += p;
-          const scalar_t* vj = vs + (group * length + j) * dim;
-          for (int64_t d = 0; d < dim; ++d) sums[d] += p * as_float(vj[d]);
+        // other head sizes: the same sums, one lane at a time
+        for (int64_t g = 0; g < shared; ++g) {
+          float* r = result + g * stride;
+          r[0] = -INFINITY;
+          for (int64_t j = 0; j < count; ++j) {
+            scores[g * kKeysPerChunk + j] = dot(queries.data() + g * dim, keys + j * k.stride(2), dim);
+            r[0] = std::max(r[0], scores[g * kKeysPerChunk + j]);
+          }
+          r[1] = 0.0f;
+          std::fill(r + 2, r + stride, 0.0f);
+          for (int64_t j = 0; j < count; ++j) {
+            const float p = std::exp(scores[g * kKeysPerChunk + j] - r[0]);
+            r[1] += p;
+            for (int64_t d = 0; d < dim; ++d) r[2 + d] += p * as_float(values[j * v.stride(2) + d]);
+          }
         }
-        scalar_t* o = os + bh * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = rounded<scalar_t>(sums[d] / total);
       }
     });
+    scalar_t* os = out.data_ptr<scalar_t>();
+    std::vector<float> sums(dim);
+    for (int64_t bh = 0; bh < batch * heads; ++bh) {
+      const int64_t b = bh / heads, kv = (bh % heads) / shared, g = (bh % heads) % shared;
+      const float* first = partial.data() + ((b * kv_heads + kv) * chunks * shared + g) * stride;
+      float top = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, first[c * shared * stride]);
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      float total = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* r = first + c * shared * stride;
+        const float weight = std::exp(r[0] - top);  // 1 for a single chunk
+        total += weight * r[1];
+        for (int64_t d = 0; d < dim; ++d) sums[d] += weight * r[2 + d];
+      }
+      for (int64_t d = 0; d < dim; ++d) os[bh * dim + d] = rounded<scalar_t>(sums[d] / total);
+    }
   });
   return out;
 }

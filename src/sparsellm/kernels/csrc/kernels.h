@@ -88,6 +88,23 @@ inline bool even_odd_lanes(int64_t isa, const Weights& w) {
 SPARSELLM_ISA_API(avx512)
 SPARSELLM_ISA_API(avx2)
 
+// One chunk of a decoded token's attention (bindings.cpp: decode_attention), AVX2 + FMA, which every
+// CPU with the AVX-512 kernels has too: `shared` query heads (fp32, scaled, dim each, dim a multiple
+// of 8) against `count` keys and values of one key head, rows key_stride / value_stride elements
+// apart, in float32, bfloat16 or float16 (codec). Writes per head: the top score, the sum of
+// exp(score - top) and the exp-weighted sum of the values (dim), (dim + 2) floats a head.
+struct AttentionChunk {
+  const float* queries = nullptr;
+  int64_t shared = 0, dim = 0, count = 0;
+  const void* keys = nullptr;
+  const void* values = nullptr;
+  int64_t key_stride = 0, value_stride = 0;
+  int codec = kF32;
+  float* scores = nullptr;  // scratch: shared rows of count rounded up to a multiple of 8
+  float* result = nullptr;
+};
+void attention_chunk_avx2(const AttentionChunk& chunk);
+
 // AMX (amx.cpp): whether this build has it; x as tiles (n tokens of cols fp32, cols a multiple of 64;
 // groups of 16 tokens x blocks of 32 columns x (split ? 2 : 1) tiles of 512 words); y (n rows of
 // y_stride) = W x for rows [row_begin, row_end) of a row-major layout with bfloat16 values.
