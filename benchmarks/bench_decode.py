@@ -5,7 +5,9 @@ Parts (all by default):
   (speed depends on shapes, not on training), with and without 50 % activation sparsity;
 - ``sample``: the sample model (SmolLM2-135M) pruned 50 % by magnitude;
 - ``quality``: perplexity of the sample model under the protocol with 25 / 40 / 50 % activation
-  sparsity, and SparseGPT 50 % weights with and without 40 % activations.
+  sparsity, and SparseGPT 50 % weights with and without 40 % activations;
+- ``context``: decoding after long prompts (the sample, 50 %): transformers' DynamicCache, which
+  copies every layer's cache at each token, against ``kernels.growing_cache``, dense and sparse.
 
 Speed: greedy decoding of 128 tokens at batch 1 and a forward pass over a 512-token prompt,
 variants interleaved run by run, medians, ratios to the faster of dense float32 / bfloat16. The
@@ -21,22 +23,26 @@ attention, to show those shares.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 import sparsellm
 from sparsellm import speed
 from sparsellm.activations import calibrate, held_out_sparsity
-from sparsellm.kernels import backend, use_kernels
+from sparsellm.kernels import backend, cache_argument, growing_cache, use_kernels
 from sparsellm.logging_utils import configure
 from sparsellm.models import load_model, sample_model_path
 
-PARTS = ("tinyllama", "sample", "quality")
+PARTS = ("tinyllama", "sample", "quality", "context")
+CONTEXTS = (128, 1024, 2048)
 
 
 def tinyllama_folder(work: Path) -> Path:
@@ -97,6 +103,48 @@ def print_speed(title: str, rows: list[dict]) -> None:
               f"{row['prefill_tokens_per_s']:.1f} | {row['prefill_ratio']:.2f} |", flush=True)
 
 
+@torch.no_grad()
+def context_rows(folder: Path, repeats: int, tokens: int) -> list[dict]:
+    """Decoding ``tokens`` after a prompt of each of CONTEXTS, with each cache: tokens/s, medians.
+
+    The prompt is run into a cache once per (model, context, cache); each timed run decodes greedily
+    from a copy of it, so only decoding is timed. Runs interleave models and caches.
+    """
+    models = {"dense bfloat16": load_model(folder, dtype=torch.bfloat16)[0],
+              "sparsellm 50%": sparsellm.load(folder, dtype="auto", kernels="auto")}
+    caches = {"dynamic": lambda model: DynamicCache(config=model.config), "growing": growing_cache}
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for context in CONTEXTS:
+        prompt = torch.randint(3, 32000, (1, context), generator=generator)
+        prefilled = {}
+        for name, model in models.items():
+            for kind, make in caches.items():
+                cache = make(model)
+                logits = model(input_ids=prompt, use_cache=True, **cache_argument(model, cache)).logits
+                prefilled[name, kind] = (cache, logits[:, -1:].argmax(-1))
+
+        def run(model, cache, token) -> None:
+            for _ in range(tokens):
+                logits = model(input_ids=token, use_cache=True, **cache_argument(model, cache)).logits
+                token = logits[:, -1:].argmax(-1)
+
+        seconds = {key: [] for key in prefilled}
+        for _ in range(repeats + 1):  # the first round warms up
+            for (name, kind), (cache, token) in prefilled.items():
+                copied = copy.deepcopy(cache)
+                started = time.perf_counter()
+                run(models[name], copied, token)
+                seconds[name, kind].append(time.perf_counter() - started)
+        for name in models:
+            rates = {kind: tokens / statistics.median(seconds[name, kind][1:]) for kind in caches}
+            rows.append({"context": context, "model": name, **{f"{kind}_tokens_per_s": rate for kind, rate in rates.items()},
+                         "ratio": rates["growing"] / rates["dynamic"]})
+            print(f"| {context} | {name} | {rates['dynamic']:.2f} | {rates['growing']:.2f} | "
+                  f"{rates['growing'] / rates['dynamic']:.2f}x |", flush=True)
+    return rows
+
+
 def quality_rows(work: Path, windows: int) -> list[dict]:
     rows = []
     model, tokenizer = load_model("sample")
@@ -155,6 +203,10 @@ def main() -> int:
             print_speed("Sample model (SmolLM2-135M), 50 % magnitude", results["sample"])
         if "quality" in parts:
             results["quality"] = quality_rows(work, args.windows)
+        if "context" in parts:
+            print(f"\nSample model (SmolLM2-135M), 50 % magnitude: {args.tokens} tokens decoded after a prompt\n")
+            print("| prompt tokens | model | DynamicCache tokens/s | growing cache tokens/s | ratio |\n|---|---|---|---|---|")
+            results["context"] = context_rows(sample_folder(work), args.repeats, args.tokens)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

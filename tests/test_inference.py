@@ -158,8 +158,10 @@ def test_cli_activation_sparsity_generate_bench(llama_folder, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("class A:") and "5 tokens in" in captured.err
 
-    assert main(["bench", str(out), "--tokens", "3", "--prefill", "16", "--repeats", "1", "--layers", "--json"]) == 0
+    assert main(["bench", str(out), "--tokens", "3", "--prefill", "16", "--repeats", "1", "--layers", "--json",
+                 "--cache", "growing"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["cache"] == "growing"
     assert [row["variant"] for row in result["rows"]] == ["dense float32", "dense bfloat16", "sparsellm"]
     assert max(row["decode_ratio"] for row in result["rows"][:2]) == pytest.approx(1.0)
     assert {row["layer"] for row in result["layers"]} >= {"self_attn.q_proj", "mlp.down_proj"}

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import SparseLLMError
 from .kernels import SparseLinear
 from .kernels import load as load_kernels
+from .kernels.cache import CACHES, cache_argument
 from .logging_utils import logger, progress
 from .models import decoder_blocks, linear_layers, load_model, parse_dtype
 
@@ -33,6 +35,7 @@ class SpeedReport:
     repeats: int
     threads: int
     kernels: str
+    cache: str = "dynamic"  # the KV cache while decoding (see decode)
     decode_seconds: dict[str, list[float]] = field(default_factory=dict)
     prefill_seconds: dict[str, list[float]] = field(default_factory=dict)
 
@@ -65,10 +68,14 @@ def _seconds(run: Callable[[], object]) -> float:
 
 
 @torch.no_grad()
-def decode(model, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Greedy generation of exactly ``tokens`` new tokens after ``prompt`` (1, length)."""
+def decode(model, prompt: torch.Tensor, tokens: int, cache: str = "dynamic") -> torch.Tensor:
+    """Greedy generation of exactly ``tokens`` new tokens after ``prompt`` (1, length).
+
+    ``cache``: a kind of ``kernels.cache.CACHES``, transformers' ``DynamicCache`` or ``growing_cache``.
+    """
     return model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                          attention_mask=torch.ones_like(prompt), pad_token_id=model.config.eos_token_id or 0)
+                          attention_mask=torch.ones_like(prompt), pad_token_id=model.config.eos_token_id or 0,
+                          **cache_argument(model, cache))
 
 
 @torch.no_grad()
@@ -77,19 +84,23 @@ def prefill(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def measure(variants: dict[str, nn.Module], *, decode_tokens: int = 128, prefill_tokens: int = 512,
-            prompt_tokens: int = 8, repeats: int = 3, kernels: str = "auto", seed: int = 0) -> SpeedReport:
-    """Decode and prefill speed of loaded models (``DENSE`` names among them), interleaved run by run."""
+            prompt_tokens: int = 8, repeats: int = 3, kernels: str = "auto", cache: str = "dynamic",
+            seed: int = 0) -> SpeedReport:
+    """Decode and prefill speed of loaded models (``DENSE`` names among them), interleaved run by run;
+    every variant decodes with the same kind of ``cache``."""
+    if cache not in CACHES:
+        raise SparseLLMError(f"unknown cache '{cache}': use one of {', '.join(CACHES)}")
     generator = torch.Generator().manual_seed(seed)
     vocab = next(iter(variants.values())).config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=generator)
     long_prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=generator)
-    report = SpeedReport(decode_tokens, prefill_tokens, repeats, torch.get_num_threads(), kernels)
+    report = SpeedReport(decode_tokens, prefill_tokens, repeats, torch.get_num_threads(), kernels, cache)
     for model in variants.values():  # warm up: first-use costs (kernel build, dispatch crossovers)
-        decode(model, prompt, 2)
+        decode(model, prompt, 2, cache)
         prefill(model, long_prompt)
     for _ in progress(range(repeats), desc="speed", unit="round"):
         for name, model in variants.items():
-            report.decode_seconds.setdefault(name, []).append(_seconds(lambda m=model: decode(m, prompt, decode_tokens)))
+            report.decode_seconds.setdefault(name, []).append(_seconds(lambda m=model: decode(m, prompt, decode_tokens, cache)))
         for name, model in variants.items():
             report.prefill_seconds.setdefault(name, []).append(_seconds(lambda m=model: prefill(m, long_prompt)))
     for row in report.rows():

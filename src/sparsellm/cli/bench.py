@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import speed
+from ..kernels.cache import CACHES
 from .common import emit
 
 
@@ -21,6 +22,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to decode (batch 1, greedy)")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill measurement")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--cache", default="dynamic", choices=CACHES,
+                        help="KV cache of every variant while decoding: transformers' DynamicCache (one concatenation "
+                             "a token), or sparsellm's, which grows in place")
     parser.add_argument("--layers", action="store_true", help="also time each projection alone at batch 1")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -29,13 +33,13 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = speed.compare(args.folder, kernels=args.kernels, dtype=args.dtype,
-                           decode_tokens=args.tokens, prefill_tokens=args.prefill, repeats=args.repeats)
+                           decode_tokens=args.tokens, prefill_tokens=args.prefill, repeats=args.repeats, cache=args.cache)
     data = report.to_dict()
     lines = [f"{'variant':<16} {'decode tok/s':>12} {'ratio':>6} {'prefill tok/s':>13} {'ratio':>6}"]
     lines += [f"{r['variant']:<16} {r['decode_tokens_per_s']:>12.2f} {r['decode_ratio']:>6.2f} "
               f"{r['prefill_tokens_per_s']:>13.1f} {r['prefill_ratio']:>6.2f}" for r in report.rows()]
     lines.append(f"medians of {args.repeats} interleaved runs, {report.threads} threads, decode {args.tokens} tokens "
-                 f"at batch 1, prefill {args.prefill} tokens; ratios to the faster dense variant")
+                 f"at batch 1 ({args.cache} KV cache), prefill {args.prefill} tokens; ratios to the faster dense variant")
     if args.layers:
         table = speed.layer_table(args.folder)
         data["layers"] = table

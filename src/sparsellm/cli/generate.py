@@ -10,6 +10,7 @@ import torch
 
 from ..errors import SparseLLMError
 from ..kernels import load
+from ..kernels.cache import CACHES, cache_argument
 
 
 def add_parser(commands) -> None:
@@ -21,6 +22,9 @@ def add_parser(commands) -> None:
                         help="sparse kernels (auto: dense GEMM for long prompts), or plain dense torch")
     parser.add_argument("--dtype", default="auto",
                         help="compute dtype (auto: bfloat16 where the CPU multiplies bfloat16, else float32)")
+    parser.add_argument("--cache", default="growing", choices=CACHES,
+                        help="KV cache: sparsellm's, which grows in place, or transformers' DynamicCache (which "
+                             "copies the whole cache at every token)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                 streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                **options)
+                                **cache_argument(model, args.cache), **options)
     seconds = time.perf_counter() - started
     new = output.shape[1] - ids.shape[1]
     print(f"{new} tokens in {seconds:.1f} s ({new / seconds:.2f} tokens/s)", file=sys.stderr)
