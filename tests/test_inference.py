@@ -5,6 +5,7 @@ by plain hooks where activation sparsity is on).
 """
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from sparsellm.activations import ActivationSparsity, calibrate, held_out_sparsi
 from sparsellm.activations.teal import AbsHistogram
 from sparsellm.cli import main
 from sparsellm.errors import SparseLLMError
-from sparsellm.kernels import SparseLinear, backend, load, use_kernels
+from sparsellm.kernels import SparseLinear, backend, dispatch, load, use_kernels
 from sparsellm.models import decoder_blocks, linear_layers, load_model
 
 
@@ -57,6 +58,20 @@ def test_auto_measures_and_caches_the_crossover(llama_folder, tmp_path, monkeypa
     assert all(isinstance(peer.crossover[torch.float32], int) for peer in layer.peers)
     cache = json.loads((tmp_path / "kernels" / "crossover.json").read_text())
     assert any("bitmask" in key and f"{layer.out_features}x{layer.in_features}" in key for key in cache)
+
+
+def test_crossover_survives_a_stall(monkeypatch):
+    """A stall of the machine over one path's first runs must not cache the dense path for one token."""
+    calls = []
+
+    def linear(layout, x, threshold=None, sparse=True, bias=None):  # sparse faster up to 8 tokens
+        calls.append(sparse)
+        time.sleep((x.shape[0] if sparse else 12) * 1e-3 + (0.1 if len(calls) <= 6 else 0.0))
+
+    monkeypatch.setattr(dispatch.backend, "linear", linear)
+    layout = SparseLinear.from_dense(torch.randn(8, 64)).layout
+    assert dispatch.measure([layout], None) == 8
+    assert calls[:4] == [True, False, True, False]  # interleaved
 
 
 def test_greedy_generation_equal(llama_folder, tmp_path):
