@@ -8,6 +8,10 @@ gives medians and the speedup of the second build over the first.
 
     # the .so files are in <cache>/kernels/<build key>/, one per source state
     flock /tmp/sparsellm-heavy.lock python benchmarks/ab_kernel_builds.py OLD.so NEW.so --batch 16
+
+``--attention`` compares the builds' decode attention instead: one query token against cached keys
+and values of 128 / 1024 / 2048 tokens, for the heads of the sample model (9 over 3 key heads) and
+of TinyLlama (32 over 4), per layer, on a ring of layers' caches as while decoding.
 """
 
 from __future__ import annotations
@@ -80,6 +84,32 @@ def measure(builds, isa: str, shape, batch: int, rounds: int, generator) -> None
               flush=True)
 
 
+ATTENTION_SHAPES = {"sample": (9, 3, 64, 30), "TinyLlama": (32, 4, 64, 22)}  # heads, key heads, dim, layers
+ATTENTION_LENGTHS = (128, 1024, 2048)
+
+
+def measure_attention(builds, rounds: int, generator) -> None:
+    old, new = builds
+    print(f"| model | keys | {old} us | {new} us | speedup |\n|---|---|---|---|---|")
+    for model, (heads, kv_heads, dim, layers) in ATTENTION_SHAPES.items():
+        for length in ATTENTION_LENGTHS:
+            query = torch.randn(1, heads, 1, dim, generator=generator)
+            caches = [[torch.randn(1, kv_heads, length, dim, generator=generator) for _ in range(2)]
+                      for _ in range(layers)]
+            first, second = (build.decode_attention(query, *caches[0], dim**-0.5) for build in builds.values())
+            torch.testing.assert_close(first, second)
+            seconds = {tag: [] for tag in builds}
+            for _ in range(rounds):
+                for tag, build in builds.items():
+                    started = time.perf_counter()
+                    for key, value in caches:
+                        build.decode_attention(query, key, value, dim**-0.5)
+                    seconds[tag].append((time.perf_counter() - started) / layers)
+            a, b = (statistics.median(seconds[tag]) for tag in builds)
+            print(f"| {model} ({heads}/{kv_heads} heads) | {length} | {a * 1e6:.1f} | {b * 1e6:.1f} | {a / b:.2f} |",
+                  flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", help="the compiled module of the first build (.so)")
@@ -89,10 +119,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shape", action="append", help="OUTxIN (repeatable; default 4096x4096)")
+    parser.add_argument("--attention", action="store_true", help="compare the decode attention instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     builds = {"old": load_build(args.old), "new": load_build(args.new)}
     generator = torch.Generator().manual_seed(0)
+    if args.attention:
+        measure_attention(builds, args.rounds, generator)
+        return 0
     for shape in [tuple(map(int, s.split("x"))) for s in args.shape or ["4096x4096"]]:
         measure(builds, args.isa, shape, args.batch, args.rounds, generator)
     return 0

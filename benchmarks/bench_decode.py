@@ -103,6 +103,13 @@ def print_speed(title: str, rows: list[dict]) -> None:
               f"{row['prefill_tokens_per_s']:.1f} | {row['prefill_ratio']:.2f} |", flush=True)
 
 
+def greedy(model, cache, token: torch.Tensor, tokens: int) -> None:
+    """Decode ``tokens`` tokens greedily after ``token`` (1, 1), the prompt's keys and values in ``cache``."""
+    for _ in range(tokens):
+        logits = model(input_ids=token, use_cache=True, **cache_argument(model, cache)).logits
+        token = logits[:, -1:].argmax(-1)
+
+
 @torch.no_grad()
 def context_rows(folder: Path, repeats: int, tokens: int) -> list[dict]:
     """Decoding ``tokens`` after a prompt of each of CONTEXTS, with each cache: tokens/s, medians.
@@ -124,17 +131,12 @@ def context_rows(folder: Path, repeats: int, tokens: int) -> list[dict]:
                 logits = model(input_ids=prompt, use_cache=True, **cache_argument(model, cache)).logits
                 prefilled[name, kind] = (cache, logits[:, -1:].argmax(-1))
 
-        def run(model, cache, token) -> None:
-            for _ in range(tokens):
-                logits = model(input_ids=token, use_cache=True, **cache_argument(model, cache)).logits
-                token = logits[:, -1:].argmax(-1)
-
         seconds = {key: [] for key in prefilled}
         for _ in range(repeats + 1):  # the first round warms up
             for (name, kind), (cache, token) in prefilled.items():
                 copied = copy.deepcopy(cache)
                 started = time.perf_counter()
-                run(models[name], copied, token)
+                greedy(models[name], copied, token, tokens)
                 seconds[name, kind].append(time.perf_counter() - started)
         for name in models:
             rates = {kind: tokens / statistics.median(seconds[name, kind][1:]) for kind in caches}

@@ -504,11 +504,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // (every cached key is visible). softmax(scale q k^T) v in float32, returned as (batch, 1, heads,
 // dim) in the query's dtype, the layout transformers' attention functions return. One call for
 // what torch's scaled_dot_product_attention and transformers' glue around it did in ~10 ops.
-// The query heads that share keys and values read them in one pass (each head reading them
-// again had cost the sample model ~2x the bytes at long contexts), and the keys go in chunks of
-// kKeysPerChunk, each chunk's softmax partial sums merged at the end (flash-decoding), so that the
-// threads share a sequence with few key heads. The chunks depend on the length only, not on the
-// threads, so results do too; up to one chunk the sums are those of a plain softmax.
+// The query heads that share keys and values read them in one pass, on AVX2 (attention_chunk_avx2),
+// and the keys go in chunks of kKeysPerChunk, each chunk's softmax partial sums merged at the end
+// (flash-decoding), so that the threads share a sequence with few key heads. The chunks depend on
+// the length only, not on the threads, so results do too. Each head reading the keys again, in code
+// for any x86-64 with a scalar exp, had been 2.0-2.9x slower a layer at 128-2048 keys (sample and
+// TinyLlama heads; benchmarks/ab_kernel_builds.py --attention).
 constexpr int64_t kKeysPerChunk = 256;  // a multiple of 8 (the AVX2 chunk's scratch)
 
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale) {
