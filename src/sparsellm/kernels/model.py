@@ -130,7 +130,6 @@ def _measure_together(model: nn.Module, report: KernelReport) -> None:
     peers: dict[tuple, list[SparseLinear]] = defaultdict(list)
     # layers built from a compact folder never were dense: count them as the model's dtype would hold them
     report.dense_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    dense_itemsize = torch.empty(0, dtype=report.dense_dtype).element_size()
     for module in model.modules():
         if isinstance(module, SparseLinear):
             layout = module.layout
@@ -138,7 +137,7 @@ def _measure_together(model: nn.Module, report: KernelReport) -> None:
                    module.activation_sparsity)].append(module)
             report.layers[layout.describe().rsplit(" ", 1)[0]] += 1
             report.kernel_bytes += layout.nbytes
-            report.dense_bytes += layout.out_features * layout.in_features * dense_itemsize
+            report.dense_bytes += layout.out_features * layout.in_features * report.dense_dtype.itemsize
     for group in peers.values():
         for layer in group:
             layer.peers = group
