@@ -3,7 +3,7 @@
 A kernel change is judged against the build before it on the same machine, at the same moment:
 run-to-run noise on shared CPUs is larger than most kernel changes. Both compiled modules are
 loaded side by side (their names differ by build key), every variant of bench_kernels.py gets one
-ring of layouts that both builds read, and the calls are interleaved round by round; the table
+ring of layouts that both builds read, and the calls are interleaved round by round, the builds taking turns going first; the table
 gives medians and the speedup of the second build over the first.
 
     # the .so files are in <cache>/kernels/<build key>/, one per source state
@@ -41,6 +41,13 @@ def load_build(path: str):
     return module
 
 
+def in_turn(groups: list[list[str]], round_: int) -> list[str]:
+    """The groups' names in order, each group reversed on odd rounds: the builds take turns going
+    first. Of two back-to-back runs of one variant, the second read 4-37 % faster on the Zen 3
+    whichever build it was (two A/Bs of the same two builds, their order swapped)."""
+    return [name for group in groups for name in (group if round_ % 2 == 0 else group[::-1])]
+
+
 def measure(builds, isa: str, shape, batch: int, rounds: int, generator) -> None:
     x = torch.randn(batch, shape[1], generator=generator)
     sparse_x = x * (torch.rand(x.shape, generator=generator) >= 0.5)
@@ -66,8 +73,10 @@ def measure(builds, isa: str, shape, batch: int, rounds: int, generator) -> None
         torch.testing.assert_close(first, second, rtol=2e-2, atol=2e-2 * first.abs().max().item())
     seconds = {name: [] for name in calls}
     with torch.no_grad():
-        for _ in range(rounds):
-            for name, ring in calls.items():
+        groups = [["torch fp32"], ["torch bf16"]] + [[f"{name} {tag}" for tag in builds] for name in variants]
+        for round_ in range(rounds):
+            for name in in_turn(groups, round_):
+                ring = calls[name]
                 started = time.perf_counter()
                 for call in ring:
                     call()
@@ -99,8 +108,9 @@ def measure_attention(builds, rounds: int, generator) -> None:
             first, second = (build.decode_attention(query, *caches[0], dim**-0.5) for build in builds.values())
             torch.testing.assert_close(first, second)
             seconds = {tag: [] for tag in builds}
-            for _ in range(rounds):
-                for tag, build in builds.items():
+            for round_ in range(rounds):
+                for tag in in_turn([list(builds)], round_):
+                    build = builds[tag]
                     started = time.perf_counter()
                     for key, value in caches:
                         build.decode_attention(query, key, value, dim**-0.5)
