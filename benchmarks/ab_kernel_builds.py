@@ -3,8 +3,8 @@
 A kernel change is judged against the build before it on the same machine, at the same moment:
 run-to-run noise on shared CPUs is larger than most kernel changes. Both compiled modules are
 loaded side by side (their names differ by build key), every variant of bench_kernels.py gets one
-ring of layouts that both builds read, and the calls are interleaved round by round, the builds taking turns going first; the table
-gives medians and the speedup of the second build over the first.
+ring of layouts that both builds read, and the calls are interleaved round by round, the builds
+taking turns going first; the table gives medians and the speedup of the second build over the first.
 
     # the .so files are in <cache>/kernels/<build key>/, one per source state
     flock /tmp/sparsellm-heavy.lock python benchmarks/ab_kernel_builds.py OLD.so NEW.so --batch 16
@@ -43,8 +43,9 @@ def load_build(path: str):
 
 def in_turn(groups: list[list[str]], round_: int) -> list[str]:
     """The groups' names in order, each group reversed on odd rounds: the builds take turns going
-    first. Of two back-to-back runs of one variant, the second read 4-37 % faster on the Zen 3
-    whichever build it was (two A/Bs of the same two builds, their order swapped)."""
+    first. Of two back-to-back runs of one variant the second tends to read faster, whichever
+    build it is: two A/Bs of the same two builds, their order swapped, favoured the second one
+    0.95-1.20x and 1.01-1.44x (Zen 3, 2 threads)."""
     return [name for group in groups for name in (group if round_ % 2 == 0 else group[::-1])]
 
 
