@@ -105,8 +105,9 @@ def print_speed(title: str, rows: list[dict]) -> None:
 
 def greedy(model, cache, token: torch.Tensor, tokens: int) -> None:
     """Decode ``tokens`` tokens greedily after ``token`` (1, 1), the prompt's keys and values in ``cache``."""
+    argument = cache_argument(model, cache)  # inspects model.forward's signature: once, not per token
     for _ in range(tokens):
-        logits = model(input_ids=token, use_cache=True, **cache_argument(model, cache)).logits
+        logits = model(input_ids=token, use_cache=True, **argument).logits
         token = logits[:, -1:].argmax(-1)
 
 

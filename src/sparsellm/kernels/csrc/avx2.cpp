@@ -296,8 +296,8 @@ inline void each_block_bf16(const Weights& w, int64_t p, int64_t r, Visit&& visi
   for (int64_t k = 0; k < words; ++k) {
     _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     if (F == kBitmask && (k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + 8 * k) + kPrefetchBytes / 4, _MM_HINT_T0);
-    // unrolled, so that a visitor's q % kChains names a register (GCC left this loop rolled for 4 tokens,
-    // and the accumulators went to the stack)
+    // unrolled, so that a visitor's q % kChains names a register (GCC left this loop rolled for 4
+    // tokens, and the accumulators went to the stack)
 #pragma GCC unroll 8
     for (int q = 0; q < 8; ++q) visit(k, q, next_bf16<F>(v, codes[8 * k + q]));
   }
