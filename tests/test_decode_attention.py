@@ -124,10 +124,10 @@ def test_models_generate_the_same_tokens(arch, tiny_folder, monkeypatch):
     monkeypatch.setattr(backend.extension(), "decode_attention", lambda *args: calls.append(1) or kernel(*args))
     report = use_kernels(model, "sparse", dense_layers=True)
     assert report.decode_attention == sdpa
-    # Llama and Qwen 2 attention take the fused rotary forward; Gemma 3 normalises queries and keys
-    # (q_norm, k_norm), OPT and GPT-2 have other projections
+    # Llama and Qwen 2 attention take the fused rotary forward, and their layers the direct calls;
+    # Gemma 3 normalises queries and keys (q_norm, k_norm), OPT and GPT-2 have other projections
     layers = model.config.num_hidden_layers
-    assert report.rotary_attention == (layers if arch in ("llama", "qwen2") else 0)
+    assert report.rotary_attention == report.decode_layers == (layers if arch in ("llama", "qwen2") else 0)
     assert torch.equal(generate(), expected)
     # every layer of every decoded token but the last; Gemma 3's sliding layers mask keys (its cache
     # keeps them all here) and go to transformers' SDPA once the window is full

@@ -5,6 +5,7 @@ import torch
 
 import sparsellm
 from sparsellm.kernels import SparseLinear, load
+from sparsellm.kernels.decoder import DirectDecode
 from sparsellm.models import load_model
 
 pytestmark = pytest.mark.sample
@@ -20,6 +21,8 @@ def test_greedy_generation_on_kernels_equals_dense(sample_folder, tmp_path):
         loaded = load(folder, kernels=kernels)
         layers = [m for m in loaded.modules() if isinstance(m, SparseLinear)]
         assert len(layers) == (30 * 7 if kernels == "sparse" else 0)
+        direct = [isinstance(block.__dict__.get("forward"), DirectDecode) for block in loaded.model.layers]
+        assert direct == [kernels == "sparse"] * 30
         with torch.no_grad():
             outputs[kernels] = loaded.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False,
                                                attention_mask=torch.ones_like(prompt),

@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from ..logging_utils import logger
 from . import backend
-from .linear import SparseLinear
+from .linear import sparse_dispatch
 
 # the model's attn_implementation on the kernels; not under the "sparsellm_" prefix, which
 # attention.hf keeps for the sparse attention methods
@@ -92,21 +92,15 @@ def use_rotary_forward(model: nn.Module) -> int:
     if not modules or backend.current().name == "torch":
         return 0
     prompt = torch.arange(1, 6).unsqueeze(0)
-    layers = [layer for layer in model.modules() if isinstance(layer, SparseLinear)]
-    dispatch = [layer.dispatch for layer in layers]
-    for layer in layers:
-        layer.dispatch = "sparse"  # no measurement of kernels="auto"'s crossovers for a probe
-    try:
-        expected = model(input_ids=prompt, use_cache=True).logits
-        for module in modules:
-            module.forward = types.MethodType(rotary_forward, module)
-        same = torch.equal(model(input_ids=prompt, use_cache=True).logits, expected)
-    except (TypeError, RuntimeError, AttributeError) as error:  # a forward that takes other arguments
-        logger.debug("rotary_forward does not fit %s: %s", type(modules[0]).__name__, error)
-        same = False
-    finally:
-        for layer, mode in zip(layers, dispatch, strict=True):
-            layer.dispatch = mode
+    with sparse_dispatch(model):
+        try:
+            expected = model(input_ids=prompt, use_cache=True).logits
+            for module in modules:
+                module.forward = types.MethodType(rotary_forward, module)
+            same = torch.equal(model(input_ids=prompt, use_cache=True).logits, expected)
+        except (TypeError, RuntimeError, AttributeError) as error:  # a forward that takes other arguments
+            logger.debug("rotary_forward does not fit %s: %s", type(modules[0]).__name__, error)
+            same = False
     if not same:
         for module in modules:
             module.__dict__.pop("forward", None)

@@ -8,6 +8,9 @@ sparsity, TEAL); an input-major layout then reads only the weights of the surviv
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -73,3 +76,18 @@ class SparseLinear(nn.Module):
         if self.threshold is not None:
             parts.append(f"threshold={self.threshold:.4g}")
         return ", ".join(parts)
+
+
+@contextmanager
+def sparse_dispatch(model: nn.Module) -> Iterator[None]:
+    """Every ``SparseLinear`` of ``model`` on its sparse kernel inside the block: a probe of a few
+    tokens should not make ``dispatch="auto"`` measure its crossovers."""
+    layers = [layer for layer in model.modules() if isinstance(layer, SparseLinear)]
+    dispatch = [layer.dispatch for layer in layers]
+    for layer in layers:
+        layer.dispatch = "sparse"
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, dispatch, strict=True):
+            layer.dispatch = mode

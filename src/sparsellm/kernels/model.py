@@ -22,6 +22,7 @@ from ..logging_utils import logger, progress
 from ..models import decoder_blocks, linear_layers, load_model, parse_dtype, weight_matrix
 from . import backend
 from .attention import use_decode_attention, use_rotary_forward
+from .decoder import use_decode_layers
 from .layouts import Quantization
 from .linear import SparseLinear
 from .norm import fused_norm
@@ -43,6 +44,7 @@ class KernelReport:
     fused_norms: int = 0  # RMS norms run as one compiled call (norm.py)
     decode_attention: bool = False  # a decoded token's attention in one compiled call (attention.py)
     rotary_attention: int = 0  # attention modules whose heads and rotary embedding are one call (attention.py)
+    decode_layers: int = 0  # decoder layers that decode a token in direct calls (decoder.py)
 
     def describe(self) -> str:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.layers.items()))
@@ -50,6 +52,7 @@ class KernelReport:
         norms = f"; {self.fused_norms} RMS norms fused" if self.fused_norms else ""
         attention = "; decoding's attention compiled" if self.decode_attention else ""
         attention += f"; {self.rotary_attention} attention layers' rotary embedding fused" if self.rotary_attention else ""
+        attention += f"; {self.decode_layers} decoder layers decode in direct calls" if self.decode_layers else ""
         dense = f"{self.dense_bytes / 1e6:.1f} MB dense {str(self.dense_dtype).removeprefix('torch.')}"
         return (f"{kinds or 'no layers'} on {self.backend} kernels; their weights {dense} -> "
                 f"{self.kernel_bytes / 1e6:.1f} MB{moe}{norms}{attention}")
@@ -80,8 +83,9 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
     stay. MoE layers' experts (float32) are packed for the MoE kernels (``pack_experts``). With
     ``fuse``, RMS norms become one compiled call each (``norm.fused_norm``) where that computes the same
     values, and so does a decoded token's attention in models that use torch's SDPA, with the split
-    into heads and the rotary embedding of Llama-shaped attention (``attention``).
-    ``kernels="dense"`` leaves the model as it is.
+    into heads and the rotary embedding of Llama-shaped attention (``attention``), and Llama-shaped
+    decoder layers decode a token in direct calls (``decoder``). ``kernels="dense"`` leaves the
+    model as it is.
     """
     if kernels not in KERNELS:
         raise SparseLLMError(f"unknown kernels '{kernels}': use one of {', '.join(KERNELS)}")
@@ -117,6 +121,7 @@ def use_kernels(model: nn.Module, kernels: str = "auto", *, dtype: torch.dtype |
                 report.fused_norms += 1
         report.decode_attention = use_decode_attention(model)
         report.rotary_attention = use_rotary_forward(model) if report.decode_attention else 0
+        report.decode_layers = use_decode_layers(model) if report.rotary_attention else 0
     # imported here: importing the MoE package registers its model type with transformers
     from ..activations.moe.modeling import pack_experts
 
