@@ -14,7 +14,8 @@ variants interleaved run by run, medians, ratios to the faster of dense float32 
 sparsellm rows run the model as ``sparsellm.load(folder, dtype="auto")`` gives it (values in
 bfloat16, activations in the CPU's compute dtype: float32 without bfloat16 arithmetic; the output
 layer on sparsellm's dense kernel too; RMS norms, a decoded token's attention and the rotary
-embedding as compiled calls); one row keeps torch's output layer, one transformers' norms and
+embedding as compiled calls, a decoded token through each decoder layer in direct calls); one row
+keeps transformers' decoder-layer forward, one torch's output layer, one transformers' norms and
 attention, to show those shares.
 
     flock /tmp/sparsellm-heavy.lock python benchmarks/bench_decode.py --threads 2
@@ -39,7 +40,7 @@ from sparsellm import speed
 from sparsellm.activations import calibrate, held_out_sparsity
 from sparsellm.kernels import backend, cache_argument, growing_cache, use_kernels
 from sparsellm.logging_utils import configure
-from sparsellm.models import load_model, sample_model_path
+from sparsellm.models import decoder_blocks, load_model, sample_model_path
 
 PARTS = ("tinyllama", "sample", "quality", "context")
 CONTEXTS = (128, 1024, 2048)
@@ -79,6 +80,10 @@ def speed_rows(folder: Path, activation_sparsity: float | None, repeats: int, to
     # layer, and any unpruned linear, on sparsellm's dense kernel too; the next row leaves them to torch
     compute = backend.compute_dtype()  # activations: float32 on CPUs without bfloat16 arithmetic
     variants["sparsellm 50%"] = sparsellm.load(folder, dtype="auto", kernels="auto")
+    # transformers' decoder-layer forward around the same kernels, without kernels.decoder's direct calls
+    variants["sparsellm 50%, transformers' layer forward"] = sparsellm.load(folder, dtype="auto", kernels="auto")
+    for layer in decoder_blocks(variants["sparsellm 50%, transformers' layer forward"])[1]:
+        layer.__dict__.pop("forward", None)
     variants["sparsellm 50%, torch output layer"] = load_model(folder, dtype=compute)[0]
     use_kernels(variants["sparsellm 50%, torch output layer"], "auto", dtype=torch.bfloat16)
     # the linear layers alone on the kernels: transformers' RMS norms and attention, not the fused calls
