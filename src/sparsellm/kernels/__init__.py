@@ -5,6 +5,8 @@
 ``use_kernels`` / ``load`` (model.py) put a whole pruned model on them. The compiled kernels
 (csrc/, AVX-512 or AVX2) or the PyTorch fallback are chosen in backend.py. ``growing_cache``
 (cache.py) is a KV cache for decoding that grows in place instead of being copied at every token.
+Around the linear layers, norm.py, attention.py and decoder.py run the rest of a decoded token in
+compiled or direct calls where that computes the same values.
 """
 
 from .backend import Backend, current, use_backend
