@@ -8,6 +8,8 @@ same order, calling the modules' ``forward`` directly, for a token without a mas
 (prompts, masks, training, hooks on the layer's modules, another attention function) goes to the
 layer's own forward. ``use_decode_layers`` installs it only where a short prompt and two decoded
 tokens give the same logits bit for bit, as ``attention.use_rotary_forward`` does for attention.
+Measured end to end (benchmarks/bench_decode.py, Zen 3): the sample's decode 1.05-1.11x, a model of
+TinyLlama's shapes 1.01-1.07x, where 94 % of a token is in the linear layers.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class DirectDecode:
 
 
 def _hooked(modules: tuple[nn.Module, ...]) -> bool:
-    """Whether calling these modules' ``forward`` directly would skip a forward hook."""
+    """Whether calling these modules' ``forward`` directly would skip a forward hook (torch keeps
+    the global ones, ``register_module_forward_hook``'s, in module-level dicts with no accessor)."""
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     return any(module._forward_hooks or module._forward_pre_hooks for module in modules)
