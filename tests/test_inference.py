@@ -48,6 +48,7 @@ def test_pruned_model_on_kernels_matches_dense(tiny_folder, pattern):
 
 def test_auto_measures_and_caches_the_crossover(llama_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSELLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_memory", {})  # what earlier tests of this process measured
     model, tokenizer = load_model(llama_folder)
     sparsellm.prune(model, tokenizer, method="magnitude", sparsity=0.6)
     use_kernels(model, "auto")
