@@ -100,7 +100,6 @@ def test_masks_training_and_other_attention_take_the_layers_own_forward(llama_fo
         assert torch.equal(got, run()), name
         for layer in model.model.layers:
             layer.forward = DirectDecode(layer)
-    attention.apply(model, "sdpa")
 
 
 def test_a_different_mlp_keeps_the_layers_own_forward(llama_folder):
