@@ -25,9 +25,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from ..logging_utils import logger
 from . import backend
-from .linear import sparse_dispatch
+from .linear import forward_if_same
 
 # the model's attn_implementation on the kernels; not under the "sparsellm_" prefix, which
 # attention.hf keeps for the sparse attention methods
@@ -84,7 +83,6 @@ def _llama_shaped(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Attention") and projections and state and not normed
 
 
-@torch.no_grad()
 def use_rotary_forward(model: nn.Module) -> int:
     """Give ``model``'s Llama-shaped attention modules ``rotary_forward``, in place, if the logits of
     a short prompt stay bit for bit the same; how many modules got it."""
@@ -92,17 +90,6 @@ def use_rotary_forward(model: nn.Module) -> int:
     if not modules or backend.current().name == "torch":
         return 0
     prompt = torch.arange(1, 6).unsqueeze(0)
-    with sparse_dispatch(model):
-        try:
-            expected = model(input_ids=prompt, use_cache=True).logits
-            for module in modules:
-                module.forward = types.MethodType(rotary_forward, module)
-            same = torch.equal(model(input_ids=prompt, use_cache=True).logits, expected)
-        except (TypeError, RuntimeError, AttributeError) as error:  # a forward that takes other arguments
-            logger.debug("rotary_forward does not fit %s: %s", type(modules[0]).__name__, error)
-            same = False
-    if not same:
-        for module in modules:
-            module.__dict__.pop("forward", None)
-        return 0
-    return len(modules)
+    same = forward_if_same(model, modules, lambda module: types.MethodType(rotary_forward, module),
+                           lambda model: model(input_ids=prompt, use_cache=True).logits)
+    return len(modules) if same else 0

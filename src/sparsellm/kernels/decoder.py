@@ -18,12 +18,11 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from ..logging_utils import logger
 from ..models import decoder_blocks
 from . import backend
 from .attention import IMPLEMENTATION, attention_forward, rotary_forward
 from .cache import cache_argument
-from .linear import sparse_dispatch
+from .linear import forward_if_same
 from .norm import RMSNorm
 
 _PARTS = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
@@ -46,16 +45,17 @@ class DirectDecode:
         self.modules = (self.input_norm, self.attention, self.q, self.k, self.v, self.o, self.post_attention_norm,
                         self.mlp, self.gate, self.up, self.down, self.act)
 
-    def _direct(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-        return not (args or hidden_states.shape[1] != 1 or kwargs.get("attention_mask") is not None
+    def _direct(self, hidden_states: torch.Tensor, cache, args: tuple, kwargs: dict) -> bool:
+        return not (args or cache is None or hidden_states.shape[1] != 1 or kwargs.get("attention_mask") is not None
                     or kwargs.get("position_embeddings") is None or not _ARGUMENTS.issuperset(kwargs)
-                    or kwargs.get("cache", kwargs.get("past_key_values")) is None or self.layer.training
-                    or self.attention.config._attn_implementation != IMPLEMENTATION or _hooked(self.modules))
+                    or self.layer.training or self.attention.config._attn_implementation != IMPLEMENTATION
+                    or _hooked(self.modules))
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self._direct(hidden_states, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if not self._direct(hidden_states, cache, args, kwargs):
             return type(self.layer).forward(self.layer, hidden_states, *args, **kwargs)
-        attention, cache = self.attention, kwargs.get("cache", kwargs.get("past_key_values"))
+        attention = self.attention
         normed = self.input_norm.forward(hidden_states)
         cos, sin = kwargs["position_embeddings"]
         query, key, value = backend.extension().rotary_heads(self.q.forward(normed), self.k.forward(normed),
@@ -97,7 +97,6 @@ def _decoded_logits(model: nn.Module, tokens: int = 2) -> torch.Tensor:
     return torch.cat(logits)
 
 
-@torch.no_grad()
 def use_decode_layers(model: nn.Module) -> int:
     """Give ``model``'s Llama-shaped decoder layers a ``DirectDecode`` forward, in place, if the logits of a
     short prompt and two decoded tokens stay bit for bit the same; how many layers got it."""
@@ -106,17 +105,4 @@ def use_decode_layers(model: nn.Module) -> int:
     layers = [layer for layer in decoder_blocks(model)[1] if _fits(layer)]
     if not layers:
         return 0
-    with sparse_dispatch(model):
-        try:
-            expected = _decoded_logits(model)
-            for layer in layers:
-                layer.forward = DirectDecode(layer)
-            same = torch.equal(_decoded_logits(model), expected)
-        except (TypeError, RuntimeError, AttributeError, ValueError) as error:  # a layer that returns or takes other things
-            logger.debug("DirectDecode does not fit %s: %s", type(layers[0]).__name__, error)
-            same = False
-    if not same:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-        return 0
-    return len(layers)
+    return len(layers) if forward_if_same(model, layers, DirectDecode, _decoded_logits) else 0

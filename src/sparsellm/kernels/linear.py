@@ -8,13 +8,13 @@ sparsity, TEAL); an input-major layout then reads only the weights of the surviv
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..errors import SparseLLMError
+from ..logging_utils import logger
 from . import backend, dispatch
 from .layouts import Layout, Quantization, build
 
@@ -78,16 +78,30 @@ class SparseLinear(nn.Module):
         return ", ".join(parts)
 
 
-@contextmanager
-def sparse_dispatch(model: nn.Module) -> Iterator[None]:
-    """Every ``SparseLinear`` of ``model`` on its sparse kernel inside the block: a probe of a few
-    tokens should not make ``dispatch="auto"`` measure its crossovers."""
+@torch.no_grad()
+def forward_if_same(model: nn.Module, modules: list[nn.Module], forward: Callable[[nn.Module], Callable],
+                    logits: Callable[[nn.Module], torch.Tensor]) -> bool:
+    """Give each of ``modules`` the forward ``forward(module)``, in place, if ``logits(model)`` stays
+    bit for bit the same; otherwise leave them their own. Whether they got it.
+
+    The probe runs every ``SparseLinear`` on its sparse kernel: a few tokens should not make
+    ``dispatch="auto"`` measure its crossovers."""
     layers = [layer for layer in model.modules() if isinstance(layer, SparseLinear)]
     dispatch = [layer.dispatch for layer in layers]
     for layer in layers:
         layer.dispatch = "sparse"
     try:
-        yield
+        expected = logits(model)
+        for module in modules:
+            module.forward = forward(module)
+        same = torch.equal(logits(model), expected)
+    except (TypeError, RuntimeError, AttributeError, ValueError) as error:  # a forward that takes or returns other things
+        logger.debug("the new forward does not fit %s: %s", type(modules[0]).__name__, error)
+        same = False
     finally:
         for layer, mode in zip(layers, dispatch, strict=True):
             layer.dispatch = mode
+    if not same:
+        for module in modules:
+            module.__dict__.pop("forward", None)
+    return same
